@@ -1,0 +1,10 @@
+"""The op set: one module per op family, one class per op (see base.py for what a class holds).
+
+Importing this package registers every op in ``OPS``.
+"""
+
+from .base import OPS, Op, get_op, register, supported_ops
+from . import (activation, conv, detection, elementwise, linalg, norm, pool,  # noqa: F401
+               reduce, resize, shape)
+
+__all__ = ["OPS", "Op", "get_op", "register", "supported_ops"]

@@ -1,0 +1,204 @@
+"""Elementwise arithmetic with ONNX (NumPy) broadcasting, variadic Sum/Max/Min/Mean, Identity,
+Dropout (inference) and Cast."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import ModelError, ShapeError, UnsupportedOperatorError
+from ..ir.types import FLOAT_DTYPES, SUPPORTED_DTYPES, TensorType
+from .base import Op, broadcast_shapes, fill_defaults, register
+
+
+def _same_dtype(op: str, types) -> np.dtype:
+    dtypes = {t.dtype for t in types}
+    if len(dtypes) != 1:
+        raise ShapeError(f"{op} needs inputs of one dtype, got "
+                         + ", ".join(f"{t}" for t in types))
+    return dtypes.pop()
+
+
+def _broadcast_infer(op: str, types) -> TensorType:
+    return TensorType(_same_dtype(op, types), broadcast_shapes(*[t.shape for t in types]))
+
+
+def _binary(name: str, fn, doc: str):
+    def infer(a, b):
+        return _broadcast_infer(name, [a, b])
+
+    def reference(a, b):
+        return np.asarray(fn(a, b)).astype(a.dtype, copy=False)
+
+    cls = type(name, (Op,), {"name": name, "__doc__": doc, "input_names": ("A", "B"),
+                             "infer": staticmethod(infer), "reference": staticmethod(reference)})
+    return register(cls)
+
+
+def _int_div(a, b):
+    if np.issubdtype(a.dtype, np.integer):
+        # ONNX integer Div truncates toward zero (C semantics), NumPy floors.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.trunc(np.true_divide(a, b)).astype(a.dtype)
+    return np.divide(a, b)
+
+
+Add = _binary("Add", np.add, "A + B")
+Sub = _binary("Sub", np.subtract, "A - B")
+Mul = _binary("Mul", np.multiply, "A * B")
+Div = _binary("Div", _int_div, "A / B (integers truncate toward zero)")
+
+
+@register
+class Pow(Op):
+    """X ** Y; Y may have another dtype than X (opset 12+). The result has X's dtype."""
+    input_names = ("X", "Y")
+
+    @staticmethod
+    def infer(x, y):
+        return TensorType(x.dtype, broadcast_shapes(x.shape, y.shape))
+
+    @staticmethod
+    def reference(x, y):
+        if np.issubdtype(x.dtype, np.integer) and np.issubdtype(y.dtype, np.integer):
+            return np.power(x, y).astype(x.dtype)
+        return np.power(x.astype(np.float64), y.astype(np.float64)).astype(x.dtype)
+
+
+def _unary(name: str, fn, doc: str, floats_only: bool = True):
+    def infer(x):
+        if floats_only and x.dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"{name} takes a floating-point tensor, got {x}")
+        return x
+
+    def reference(x):
+        return np.asarray(fn(x)).astype(x.dtype, copy=False)
+
+    cls = type(name, (Op,), {"name": name, "__doc__": doc, "input_names": ("X",),
+                             "infer": staticmethod(infer), "reference": staticmethod(reference)})
+    return register(cls)
+
+
+def _erf(x):
+    # math.erf is exact to double precision; vectorise it (scipy is not a dependency).
+    return np.vectorize(math.erf, otypes=[np.float64])(x.astype(np.float64))
+
+
+Sqrt = _unary("Sqrt", np.sqrt, "square root")
+Exp = _unary("Exp", np.exp, "e ** x")
+Erf = _unary("Erf", _erf, "the error function")
+Reciprocal = _unary("Reciprocal", np.reciprocal, "1 / x")
+Floor = _unary("Floor", np.floor, "round down")
+Ceil = _unary("Ceil", np.ceil, "round up")
+Neg = _unary("Neg", np.negative, "-x", floats_only=False)
+Abs = _unary("Abs", np.abs, "|x|", floats_only=False)
+
+
+def _variadic(name: str, fn, doc: str):
+    def infer(*types):
+        if not types:
+            raise ModelError(f"{name} needs at least one input")
+        return _broadcast_infer(name, types)
+
+    def reference(*arrays):
+        out = arrays[0]
+        for a in arrays[1:]:
+            out = fn(out, a)
+        if name == "Mean":
+            out = out / len(arrays)
+        return np.asarray(out).astype(arrays[0].dtype, copy=False)
+
+    cls = type(name, (Op,), {"name": name, "__doc__": doc, "infer": staticmethod(infer),
+                             "reference": staticmethod(reference)})
+    return register(cls)
+
+
+Sum = _variadic("Sum", np.add, "elementwise sum of all inputs")
+Max = _variadic("Max", np.maximum, "elementwise maximum of all inputs")
+Min = _variadic("Min", np.minimum, "elementwise minimum of all inputs")
+Mean = _variadic("Mean", np.add, "elementwise mean of all inputs")
+
+
+@register
+class Identity(Op):
+    input_names = ("input",)
+
+    @staticmethod
+    def infer(x):
+        return x
+
+    @staticmethod
+    def reference(x):
+        return x
+
+    @staticmethod
+    def flops(input_types, output_types, **attrs):
+        return 0
+
+
+@register
+class Dropout(Op):
+    """Inference only: the output is the input, the mask all ones."""
+    attrs = {"ratio": 0.5, "training_mode": False, "seed": None}
+    legacy_attrs = ("is_test", "consumed_inputs")
+    lift_inputs = {1: "ratio", 2: "training_mode"}
+    input_names = ("data", "ratio", "training_mode")
+
+    @classmethod
+    def normalize(cls, attrs, input_types, opset):
+        attrs = fill_defaults(cls, attrs)
+        if attrs["training_mode"]:
+            raise UnsupportedOperatorError("Dropout", reason="training_mode=True is a training "
+                                           "op; compile for inference or use compile_training")
+        attrs["training_mode"] = False
+        attrs["ratio"] = float(attrs["ratio"])
+        return attrs
+
+    @staticmethod
+    def infer(x, **attrs):
+        return [x, TensorType(np.bool_, x.shape)]
+
+    @staticmethod
+    def reference(x, ratio=0.5, training_mode=False, seed=None):
+        return x, np.ones(x.shape, dtype=np.bool_)
+
+    @staticmethod
+    def flops(input_types, output_types, **attrs):
+        return 0
+
+
+@register
+class Cast(Op):
+    """Convert to the dtype named by ``to`` (canonical form: a NumPy dtype name such as 'float32')."""
+    attrs = {"to": None}
+    legacy_attrs = ("saturate", "round_mode")
+    input_names = ("input",)
+
+    @classmethod
+    def normalize(cls, attrs, input_types, opset):
+        from ..frontend.onnx_import import onnx_dtype
+        attrs = fill_defaults(cls, attrs)
+        to = attrs["to"]
+        if to is None:
+            raise ModelError("Cast needs the attribute 'to'")
+        if isinstance(to, str):
+            dtype = np.dtype(to)
+            if dtype not in SUPPORTED_DTYPES:
+                raise ModelError(f"Cast to {to} is not supported")
+        else:
+            dtype = onnx_dtype(int(to), "Cast 'to'")
+        attrs["to"] = dtype.name
+        return attrs
+
+    @staticmethod
+    def infer(x, to):
+        return TensorType(np.dtype(to), x.shape)
+
+    @staticmethod
+    def reference(x, to):
+        return x.astype(np.dtype(to))
+
+    @staticmethod
+    def flops(input_types, output_types, **attrs):
+        return 0

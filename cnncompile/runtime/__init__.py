@@ -1,0 +1,5 @@
+"""Run time: the compiled Module."""
+
+from .module import Module
+
+__all__ = ["Module"]
