@@ -29,6 +29,7 @@ class UnsupportedOperatorError(UserError):
         self.op_type = op_type
         self.node = node
         self.domain = domain
+        self.reason = reason
         self.opset = opset
         where = f"node '{node}': " if node else ""
         dom = domain if domain not in ("", "ai.onnx") else "ai.onnx (default)"

@@ -26,8 +26,8 @@ from ..errors import (CnnCompileError, InternalError, ModelError, ModelLoadError
 from ..ir.graph import Graph, Node, Value
 from ..ir.types import SUPPORTED_DTYPES, TensorType, shape_str
 from ..ops import get_op
+from .upgrade import MIN_OPSET, upgrade_opset
 
-MIN_OPSET = 7
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -142,10 +142,9 @@ def default_opset(proto: onnx.ModelProto) -> int:
 def import_onnx(model, input_shapes: Mapping[str, tuple] | None = None,
                 constant_inputs: Mapping[str, np.ndarray] | None = None) -> Graph:
     proto = load_model(model)
+    if default_opset(proto) < MIN_OPSET:
+        proto = upgrade_opset(proto)
     opset = default_opset(proto)
-    if opset < MIN_OPSET:
-        raise ModelError(f"the model uses opset {opset}; cnncompile reads opsets {MIN_OPSET} and "
-                         f"newer. Convert it with onnx.version_converter.convert_version(model, 13)")
     g = proto.graph
     graph = Graph(name=g.name or "model", opset=opset)
     env: dict[str, Value] = {}
@@ -278,6 +277,10 @@ def _import_node(graph: Graph, onnx_node, index: int, env: dict, opset: int) -> 
             inputs.append(env[name])
 
     attrs = {a.name: attribute_value(a, where) for a in onnx_node.attribute}
+    count_attr = getattr(op, "output_count_attr", None)
+    if count_attr and attrs.get(count_attr) is None:
+        # Some ops (Split before opset 18) take their output count from the node itself.
+        attrs[count_attr] = len(onnx_node.output)
     kept: list[Value | None] = []
     for pos, value in enumerate(inputs):
         attr = op.lift_inputs.get(pos)
@@ -295,6 +298,10 @@ def _import_node(graph: Graph, onnx_node, index: int, env: dict, opset: int) -> 
         attrs = op.normalize(attrs, in_types, opset)
         out_types = op.infer(*in_types, **attrs)
     except UserError as exc:
+        if isinstance(exc, UnsupportedOperatorError) and exc.opset is None:
+            exc = UnsupportedOperatorError(op.name, node=label, opset=opset,
+                                           reason=getattr(exc, "reason", "") or str(exc))
+            raise with_context(exc, "", f"; input shapes: {_types_str(kept)}") from None
         raise with_context(exc, f"{where}: ", f"; input shapes: {_types_str(kept)}") from None
     except Exception as exc:
         raise InternalError(f"{where}: shape rule of {op.name} failed ({exc!r}); input shapes: "

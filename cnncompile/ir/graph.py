@@ -161,9 +161,29 @@ class Graph:
         return removed
 
     def copy(self) -> "Graph":
-        """A deep copy of the structure; constant arrays are shared (they are never mutated)."""
-        memo = {id(v.data): v.data for v in self.constants.values()}
-        return copy.deepcopy(self, memo)
+        """A structural copy: new Values and Nodes, shared constant arrays (never mutated).
+
+        Written out rather than with copy.deepcopy, whose recursion follows producer links and
+        overflows the stack on deep networks."""
+        new = Graph(self.name, self.opset)
+        new._names = set(self._names)
+        new._counter = itertools.count(next(copy.copy(self._counter)))
+        mapping: dict[int, Value] = {}
+
+        def clone(v: Value) -> Value:
+            c = Value(v.name, v.type, v.data)
+            mapping[id(v)] = c
+            return c
+
+        new.inputs = [clone(v) for v in self.inputs]
+        new.constants = {k: clone(v) for k, v in self.constants.items()}
+        for node in self.nodes:
+            inputs = [mapping[id(v)] if v is not None else None for v in node.inputs]
+            outputs = [clone(v) for v in node.outputs]
+            new.nodes.append(Node(node.op, inputs, outputs, copy.deepcopy(node.attrs), node.name,
+                                  node.origins, node.created_by, node.domain))
+        new.outputs = [mapping[id(v)] for v in self.outputs]
+        return new
 
     # ---- views --------------------------------------------------------------------------------
     def __str__(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 # Short names for the printer; also the dtypes the IR admits.
@@ -27,6 +28,16 @@ _SHORT = {
     np.dtype(np.uint8): "u8",
     np.dtype(np.bool_): "bool",
 }
+# Storage-only dtypes: tensors of these types are loaded, cast and moved, not computed on. ml_dtypes
+# provides them to NumPy; onnx itself depends on it, so it costs no extra dependency.
+LOW_PRECISION = {
+    "bfloat16": "bf16", "float8_e4m3fn": "f8e4m3fn", "float8_e4m3fnuz": "f8e4m3fnuz",
+    "float8_e5m2": "f8e5m2", "float8_e5m2fnuz": "f8e5m2fnuz", "float4_e2m1fn": "f4e2m1fn",
+    "int4": "i4", "uint4": "u4", "int2": "i2", "uint2": "u2",
+}
+for _name, _short in LOW_PRECISION.items():
+    _SHORT[np.dtype(getattr(ml_dtypes, _name))] = _short
+FLOAT8_DTYPES = tuple(np.dtype(getattr(ml_dtypes, n)) for n in LOW_PRECISION if n.startswith("float8"))
 
 SUPPORTED_DTYPES = tuple(_SHORT)
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import ModelError, ShapeError, UnsupportedOperatorError
-from ..ir.types import FLOAT_DTYPES, SUPPORTED_DTYPES, TensorType
+from ..ir.types import FLOAT8_DTYPES, FLOAT_DTYPES, SUPPORTED_DTYPES, TensorType
 from .base import Op, broadcast_shapes, fill_defaults, register
 
 
@@ -37,11 +38,17 @@ def _binary(name: str, fn, doc: str):
 
 
 def _int_div(a, b):
-    if np.issubdtype(a.dtype, np.integer):
-        # ONNX integer Div truncates toward zero (C semantics), NumPy floors.
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.trunc(np.true_divide(a, b)).astype(a.dtype)
-    return np.divide(a, b)
+    if not np.issubdtype(a.dtype, np.integer):
+        return np.divide(a, b)
+    # ONNX integer Div truncates toward zero (C semantics), NumPy floors: round the floored
+    # quotient up where the division is inexact and the signs differ. Staying in integers keeps
+    # int64 exact beyond 2**53.
+    with np.errstate(all="ignore"):  # x / 0 and INT_MIN / -1 are undefined in ONNX too
+        quotient = np.floor_divide(a, b)
+        inexact = np.remainder(a, b) != 0
+    if np.issubdtype(a.dtype, np.signedinteger):
+        quotient = np.where(inexact & ((a < 0) != (b < 0)), quotient + 1, quotient)
+    return quotient.astype(a.dtype)
 
 
 Add = _binary("Add", np.add, "A + B")
@@ -139,8 +146,10 @@ class Identity(Op):
 
 @register
 class Dropout(Op):
-    """Inference only: the output is the input, the mask all ones."""
-    attrs = {"ratio": 0.5, "training_mode": False, "seed": None}
+    """Inference only: the output is the input, the mask all ones (nothing is dropped).
+
+    The mask is bool from opset 10 on and has the input's dtype before (``mask_dtype``)."""
+    attrs = {"ratio": 0.5, "training_mode": False, "seed": None, "mask_dtype": "bool"}
     legacy_attrs = ("is_test", "consumed_inputs")
     lift_inputs = {1: "ratio", 2: "training_mode"}
     input_names = ("data", "ratio", "training_mode")
@@ -150,18 +159,19 @@ class Dropout(Op):
         attrs = fill_defaults(cls, attrs)
         if attrs["training_mode"]:
             raise UnsupportedOperatorError("Dropout", reason="training_mode=True is a training "
-                                           "op; compile for inference or use compile_training")
+                                           "op; export the model in eval/inference mode")
         attrs["training_mode"] = False
         attrs["ratio"] = float(attrs["ratio"])
+        attrs["mask_dtype"] = "bool" if opset >= 10 else input_types[0].dtype.name
         return attrs
 
     @staticmethod
-    def infer(x, **attrs):
-        return [x, TensorType(np.bool_, x.shape)]
+    def infer(x, ratio=0.5, training_mode=False, seed=None, mask_dtype="bool"):
+        return [x, TensorType(np.dtype(mask_dtype), x.shape)]
 
     @staticmethod
-    def reference(x, ratio=0.5, training_mode=False, seed=None):
-        return x, np.ones(x.shape, dtype=np.bool_)
+    def reference(x, ratio=0.5, training_mode=False, seed=None, mask_dtype="bool"):
+        return x, np.ones(x.shape, dtype=np.dtype(mask_dtype))
 
     @staticmethod
     def flops(input_types, output_types, **attrs):
@@ -170,9 +180,9 @@ class Dropout(Op):
 
 @register
 class Cast(Op):
-    """Convert to the dtype named by ``to`` (canonical form: a NumPy dtype name such as 'float32')."""
-    attrs = {"to": None}
-    legacy_attrs = ("saturate", "round_mode")
+    """Convert to the dtype named by ``to`` (canonical form: a NumPy dtype name, e.g. 'float32')."""
+    attrs = {"to": None, "saturate": True}
+    legacy_attrs = ("round_mode",)
     input_names = ("input",)
 
     @classmethod
@@ -189,15 +199,22 @@ class Cast(Op):
         else:
             dtype = onnx_dtype(int(to), "Cast 'to'")
         attrs["to"] = dtype.name
+        attrs["saturate"] = bool(attrs["saturate"])
         return attrs
 
     @staticmethod
-    def infer(x, to):
+    def infer(x, to, saturate=True):
         return TensorType(np.dtype(to), x.shape)
 
     @staticmethod
-    def reference(x, to):
-        return x.astype(np.dtype(to))
+    def reference(x, to, saturate=True):
+        dtype = np.dtype(to)
+        if saturate and dtype in FLOAT8_DTYPES and x.dtype.kind == "f":
+            # Saturation (the default since opset 19) clamps out-of-range values, infinities
+            # included, to the largest finite float8; a plain conversion would give NaN or inf.
+            top = float(ml_dtypes.finfo(dtype).max)
+            x = np.where(np.isnan(x), x, np.clip(x.astype(np.float64), -top, top))
+        return x.astype(dtype)
 
     @staticmethod
     def flops(input_types, output_types, **attrs):

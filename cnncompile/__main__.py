@@ -1,0 +1,7 @@
+"""``python -m cnncompile ...`` is the ``cnncompile`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,459 @@
+"""The command line: ``cnncompile run`` compiles and runs a model, ``cnncompile info`` analyses one.
+
+Exit status: 0 success, 1 the model or an input is wrong (a ``UserError``), 2 the command line is
+wrong, 3 a bug in cnncompile. No Python traceback is shown unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import traceback
+import zipfile
+
+import numpy as np
+
+from . import __version__
+from .errors import CnnCompileError, InputError, InternalError, UserError
+from .ir.types import TensorType, shape_str
+
+EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+INTERNAL_PREFIX = "internal error (this is a bug in cnncompile; please report it with the model)"
+
+SHAPE_HELP = ("fix the shape of input NAME, dimensions joined by 'x' (e.g. input=1x3x224x224); "
+              "needed for inputs with dynamic axes; repeat for several inputs")
+
+MAIN_EPILOG = """\
+examples:
+  cnncompile info model.onnx                                summary and per-layer costs
+  cnncompile info model.onnx --shape input=1x3x224x224      fix a dynamic batch axis first
+  cnncompile run model.onnx                                 run on seeded random inputs
+  cnncompile run model.onnx --input input=image.npy --output out.npz
+  cnncompile --debug run model.onnx                         show the traceback of an error
+
+exit status: 0 ok, 1 the model or an input is wrong, 2 bad command line, 3 a bug in cnncompile.
+'cnncompile COMMAND --help' explains each command."""
+
+RUN_EPILOG = """\
+inputs:
+  Every model input not given with --input gets random data of its dtype and shape, drawn from
+  --seed: floats standard normal, integers uniform in [0, 10), bools fair coin flips.
+  A .npy given for an input with dynamic axes also fixes those axes (no --shape needed).
+  Write input files with numpy.save('x.npy', x); the dtype must match the model's exactly.
+
+examples:
+  cnncompile run resnet50.onnx --shape data=1x3x224x224
+  cnncompile run model.onnx --input x=x.npy --input mask=mask.npy --output out.npz
+  cnncompile run model.onnx --target cpu --seed 7 --opt-level 3
+
+  Read the saved outputs back with: numpy.load('out.npz')['OUTPUT_NAME']"""
+
+INFO_EPILOG = """\
+what it prints:
+  inputs and outputs with their types, the opset, how many nodes of each op, the parameter count
+  and bytes, a table with one row per node (output shape, parameters read, MFLOPs; a multiply-add
+  counts as 2 FLOPs), the total GFLOPs and the activation memory: 'naive' gives every tensor its
+  own buffer, 'peak live' frees each intermediate after its last use (inputs and outputs stay).
+
+examples:
+  cnncompile info model.onnx
+  cnncompile info model.onnx --shape input=8x3x224x224 --json > info.json
+  cnncompile info model.onnx --opt-level 2          the graph after the optimization passes"""
+
+
+class UsageError(Exception):
+    """The command line is wrong in a way argparse cannot see (an unreadable .npy, say): exit 2."""
+
+
+# ---- argument types ------------------------------------------------------------------------------
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """'input=1x3x224x224' -> ('input', (1, 3, 224, 224)); commas work as separators too."""
+    name, sep, dims = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not NAME=DIMS; write the input's name, '=' and its dimensions joined "
+            f"by 'x', e.g. --shape input=1x3x224x224")
+    parts = re.split(r"[x,]", dims.strip())
+    bad = [p for p in parts if not p.strip().isdigit()]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"'{text}': dimension '{bad[0]}' is not a non-negative integer; write the dimensions "
+            f"as integers joined by 'x', e.g. --shape {name}=1x3x224x224")
+    return name, tuple(int(p) for p in parts)
+
+
+def parse_input(text: str) -> tuple[str, str]:
+    """'x=path/to/x.npy' -> ('x', 'path/to/x.npy')."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not NAME=FILE; write the input's name, '=' and a .npy file, "
+            f"e.g. --input input=image.npy")
+    return name, path
+
+
+def parse_target(text: str) -> str:
+    from .backends import get_backend
+    try:
+        get_backend(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+# ---- the parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from .backends import TARGETS
+
+    parser = argparse.ArgumentParser(
+        prog="cnncompile", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile, run and analyse convolutional networks stored as ONNX models.",
+        epilog=MAIN_EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full Python traceback of any error")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # --debug is accepted after the command too; SUPPRESS keeps a global --debug from being reset.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full Python traceback of any error")
+
+    run = commands.add_parser(
+        "run", parents=[debug], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="compile a model and run it once on given or random inputs",
+        description="Compile MODEL, run it once and print every output's shape, dtype and\n"
+                    "min/max/mean, with the compile and run times.",
+        epilog=RUN_EPILOG)
+    run.add_argument("model", metavar="MODEL", help="path of the .onnx file")
+    run.add_argument("--shape", metavar="NAME=DIMS", type=parse_shape, action="append",
+                     default=[], help=SHAPE_HELP)
+    run.add_argument("--input", metavar="NAME=FILE", type=parse_input, action="append",
+                     default=[], help="feed input NAME from a .npy file; repeat for several "
+                     "inputs (the others get seeded random data)")
+    run.add_argument("--output", metavar="FILE", help="save every output to this .npz archive, "
+                     "keyed by output name")
+    run.add_argument("--target", default="reference", type=parse_target,
+                     metavar="{" + ",".join(TARGETS) + "}",
+                     help="backend to compile for (default: reference, the NumPy interpreter)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the random inputs (default: 0)")
+    run.add_argument("--opt-level", type=int, choices=range(4), default=2, metavar="{0,1,2,3}",
+                     help="optimization level (default: 2)")
+    run.set_defaults(func=cmd_run)
+
+    info = commands.add_parser(
+        "info", parents=[debug], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="summarize a model: types, op counts, parameters, FLOPs, activation memory",
+        description="Import MODEL and print what it computes and what that costs.",
+        epilog=INFO_EPILOG)
+    info.add_argument("model", metavar="MODEL", help="path of the .onnx file")
+    info.add_argument("--shape", metavar="NAME=DIMS", type=parse_shape, action="append",
+                      default=[], help=SHAPE_HELP)
+    info.add_argument("--json", action="store_true",
+                      help="print one JSON document instead of text (FLOPs and bytes as integers)")
+    info.add_argument("--opt-level", type=int, choices=range(4), default=0, metavar="{0,1,2,3}",
+                      help="analyse the graph after this level's passes (default: 0, the model "
+                      "as imported with dead nodes removed)")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``cnncompile`` and ``python -m cnncompile``; returns the exit status."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    debug = getattr(args, "debug", False)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        return _fail(debug, EXIT_USAGE, f"cnncompile {args.command}: error: {exc}\n"
+                     f"(see 'cnncompile {args.command} --help')")
+    except UserError as exc:
+        return _fail(debug, EXIT_USER, f"error: {exc}")
+    except KeyboardInterrupt:
+        return _fail(debug, 130, "interrupted")
+    except BrokenPipeError:
+        # the reader of our stdout went away (| head); nothing more to say to it
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_USER
+    except MemoryError as exc:
+        return _fail(debug, EXIT_USER, f"error: out of memory{': ' + str(exc) if str(exc) else ''}")
+    except Exception as exc:
+        detail = str(exc) if isinstance(exc, CnnCompileError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, InternalError) and exc.__cause__ is not None:
+            detail += f" [{type(exc.__cause__).__name__}]"
+        return _fail(debug, EXIT_INTERNAL, f"{INTERNAL_PREFIX}: {detail}\n"
+                     "(run again with --debug to see the traceback)")
+
+
+def _fail(debug: bool, status: int, message: str) -> int:
+    sys.stdout.flush()
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
+    return status
+
+
+# ---- run -----------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    import cnncompile
+    from .frontend import load_model
+
+    shapes = _collect(args.shape, "--shape")
+    files = _collect(args.input, "--input")
+    arrays = {name: _load_npy(name, path) for name, path in files.items()}
+    output = _output_path(args.output) if args.output else None
+
+    proto = load_model(args.model)
+    declared = _declared_inputs(proto)
+    for name, array in arrays.items():
+        if name not in declared:
+            raise InputError(f"--input {name}=...: '{name}' is not an input of the model; its "
+                             f"inputs are: {', '.join(declared) or 'none'}")
+        dims = declared[name]
+        if dims is not None and not _fits(dims, array.shape):
+            raise InputError(f"input '{name}' (--input {name}={files[name]}) has shape "
+                             f"{list(array.shape)}, but the model declares {_dims_str(dims)}")
+        if name not in shapes and (dims is None or None in dims):
+            shapes[name] = tuple(array.shape)
+
+    start = time.perf_counter()
+    module = cnncompile.compile(proto, target=args.target, input_shapes=shapes or None,
+                                opt_level=args.opt_level)
+    compile_s = time.perf_counter() - start
+
+    rng = np.random.default_rng(args.seed)
+    feeds, sources = {}, {}
+    for value in module.graph.inputs:
+        if value.name in arrays:
+            feeds[value.name] = _check_file_input(value.name, files[value.name], value.type,
+                                                  arrays[value.name], shapes)
+            sources[value.name] = files[value.name]
+        else:
+            feeds[value.name] = random_array(rng, value.type)
+            sources[value.name] = f"random {_distribution(value.type)} (seed {args.seed})"
+
+    start = time.perf_counter()
+    outputs = module.run(feeds)
+    run_s = time.perf_counter() - start
+
+    graph = module.graph
+    print(f"model    {args.model}  (graph '{graph.name}', opset {graph.opset}, "
+          f"{len(graph.nodes)} nodes)")
+    print(f"target   {args.target}, opt-level {args.opt_level}")
+    print("inputs")
+    _print_table([[name, str(TensorType.of(feeds[name])), sources[name]]
+                  for name in feeds], indent=2)
+    print("outputs")
+    rows = [["name", "type", "min", "max", "mean"]]
+    rows += [[name, str(TensorType.of(array))] + array_stats(array)
+             for name, array in outputs.items()]
+    _print_table(rows, indent=2, numeric_from=2)
+    print(f"time     compile {compile_s:.3f} s, run {run_s:.3f} s")
+    if output is not None:
+        save_npz(output, outputs)
+        print(f"saved    {len(outputs)} output(s) to {output}")
+    return EXIT_OK
+
+
+def _collect(pairs, flag: str) -> dict:
+    result = {}
+    for name, value in pairs:
+        if name in result:
+            raise UsageError(f"{flag} {name}=... is given twice; give each input once")
+        result[name] = value
+    return result
+
+
+def _load_npy(name: str, path: str) -> np.ndarray:
+    where = f"--input {name}={path}"
+    if not os.path.isfile(path):
+        raise UsageError(f"{where}: no such file; write the array with numpy.save('{path}', x)")
+    hint = f"write the array with numpy.save('{path}', x)"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic.startswith(b"PK"):
+            raise UsageError(f"{where}: the file is an .npz archive; give one .npy file per "
+                             f"input ({hint})")
+        if magic != b"\x93NUMPY":
+            raise UsageError(f"{where}: not a .npy file (it lacks the .npy header); {hint}")
+        return np.load(path, allow_pickle=False)
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, EOFError) as exc:
+        # object arrays (pickles) and truncated files end up here
+        raise UsageError(f"{where}: not a readable .npy array ({exc}); {hint}") from None
+
+
+def _output_path(path: str) -> str:
+    if not path.endswith(".npz"):
+        path += ".npz"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output {path}: the folder {folder} does not exist")
+    return path
+
+
+def _declared_inputs(proto) -> dict[str, tuple | None]:
+    """Graph input name -> declared dims (None for a dynamic axis), or None if no shape is given."""
+    initializers = {init.name for init in proto.graph.initializer}
+    result = {}
+    for vi in proto.graph.input:
+        if vi.name in initializers:
+            continue
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            result[vi.name] = None
+            continue
+        result[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0
+                                else None for d in tt.shape.dim)
+    return result
+
+
+def _fits(dims: tuple, shape: tuple) -> bool:
+    return len(dims) == len(shape) and all(d is None or d == s for d, s in zip(dims, shape))
+
+
+def _dims_str(dims: tuple) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _check_file_input(name: str, path: str, want: TensorType, array: np.ndarray,
+                      shapes: dict) -> np.ndarray:
+    where = f"input '{name}' (--input {name}={path})"
+    if tuple(array.shape) != tuple(want.shape):
+        how = (f" (set by --shape {name}={'x'.join(str(d) for d in shapes[name])})"
+               if name in shapes and tuple(shapes[name]) != tuple(array.shape) else "")
+        raise InputError(f"{where} has shape {list(array.shape)}, but the model expects "
+                         f"{shape_str(want.shape)}{how}")
+    if array.dtype != want.dtype:
+        raise InputError(f"{where} has dtype {array.dtype}, but the model expects {want.dtype}; "
+                         f"save it with numpy.save('{path}', x.astype(numpy.{want.dtype.name}))")
+    return array
+
+
+def random_array(rng: np.random.Generator, t: TensorType) -> np.ndarray:
+    """Random data of type ``t``: floats standard normal, integers in [0, 10), bools coin flips."""
+    if np.issubdtype(t.dtype, np.floating):
+        return rng.standard_normal(t.shape).astype(t.dtype)
+    if t.dtype == np.bool_:
+        return rng.random(t.shape) < 0.5
+    return rng.integers(0, 10, size=t.shape).astype(t.dtype)
+
+
+def _distribution(t: TensorType) -> str:
+    if np.issubdtype(t.dtype, np.floating):
+        return "normal"
+    return "bools" if t.dtype == np.bool_ else "integers in [0, 10)"
+
+
+def array_stats(array: np.ndarray) -> list[str]:
+    """[min, max, mean] as text; NaNs are left out of them and counted."""
+    if array.size == 0:
+        return ["-", "-", "(empty)"]
+    values = array.astype(np.float64) if array.dtype == np.bool_ else array
+    finite = values[~np.isnan(values)] if np.issubdtype(values.dtype, np.floating) else values
+    nans = values.size - finite.size
+    if finite.size == 0:
+        return ["nan", "nan", "nan"]
+    stats = [f"{finite.min():.6g}", f"{finite.max():.6g}", f"{finite.mean(dtype=np.float64):.6g}"]
+    if nans:
+        stats[2] += f"  ({nans} NaN)"
+    return stats
+
+
+def save_npz(path: str, outputs: dict[str, np.ndarray]) -> None:
+    """Like numpy.savez, which cannot take an array named 'file' as a keyword."""
+    try:
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, array in outputs.items():
+                with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    except OSError as exc:
+        raise UserError(f"cannot write --output {path}: {exc.strerror or exc}") from None
+
+
+# ---- info ----------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from .analysis import summarize
+    from .frontend import import_onnx
+    from .passes import run_pipeline
+
+    shapes = _collect(args.shape, "--shape")
+    graph = run_pipeline(import_onnx(args.model, input_shapes=shapes or None), args.opt_level)
+    summary = summarize(graph)
+    if args.json:
+        doc = {"model": args.model, "opt_level": args.opt_level, **summary.to_dict()}
+        print(json.dumps(doc, indent=2))
+    else:
+        print_summary(args.model, summary)
+    return EXIT_OK
+
+
+def print_summary(model: str, summary) -> None:
+    from .analysis import format_bytes
+
+    def types(infos):
+        return ", ".join(f"{t.name}: {t.type}" for t in infos) or "none"
+
+    ops = ", ".join(f"{op} {n}" for op, n in summary.op_counts.items()) or "none"
+    mem = summary.memory
+    peak_at = f"during '{mem.peak_node}'" if mem.peak_node else "the inputs alone"
+    flops = summary.total_flops
+    lines = [
+        ("model", model),
+        ("graph", f"'{summary.name}', opset {summary.opset}"),
+        ("inputs", types(summary.inputs)),
+        ("outputs", types(summary.outputs)),
+        ("nodes", f"{len(summary.layers)}: {ops}"),
+        ("params", f"{summary.parameters:,} ({format_bytes(summary.parameter_bytes)})"),
+        ("compute", f"{flops / 1e9:.4g} GFLOPs ({flops:,} FLOPs)"),
+        ("memory", f"activations {format_bytes(mem.naive_bytes)} naive, "
+                   f"{format_bytes(mem.peak_bytes)} peak live ({peak_at})"),
+    ]
+    if summary.unknown_flops:
+        lines.append(("note", "FLOPs of data-dependent nodes not counted: "
+                      + ", ".join(summary.unknown_flops)))
+    if mem.unknown:
+        lines.append(("note", "activations of data-dependent size not counted: "
+                      + ", ".join(mem.unknown)))
+    width = max(len(k) for k, _ in lines)
+    for key, text in lines:
+        print(f"{key:<{width}}  {text}")
+    print()
+    rows = [["layer", "op", "output shape", "params", "MFLOPs"]]
+    for row in summary.layers:
+        mflops = "?" if row.flops is None else f"{row.flops / 1e6:.3f}"
+        rows.append([row.name, row.op, ", ".join(str(o.type) for o in row.outputs),
+                     f"{row.params:,}", mflops])
+    rows.append(["total", "", "", f"{summary.parameters:,}",
+                 f"{flops / 1e6:.3f}"])
+    _print_table(rows, numeric_from=3)
+
+
+def _print_table(rows: list[list[str]], indent: int = 0, numeric_from: int | None = None) -> None:
+    """Left-aligned text columns, right-aligned numeric ones (index >= numeric_from)."""
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        cells = []
+        for i, cell in enumerate(r):
+            right = numeric_from is not None and i >= numeric_from
+            cells.append(f"{cell:>{widths[i]}}" if right else f"{cell:<{widths[i]}}")
+        print(" " * indent + "  ".join(cells).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
