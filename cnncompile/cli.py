@@ -391,7 +391,7 @@ def cmd_info(args) -> int:
     from .passes import run_pipeline
 
     shapes = _collect(args.shape, "--shape")
-    graph = run_pipeline(import_onnx(args.model, input_shapes=shapes or None), args.opt_level)
+    graph, _ = run_pipeline(import_onnx(args.model, input_shapes=shapes or None), args.opt_level)
     summary = summarize(graph)
     if args.json:
         doc = {"model": args.model, "opt_level": args.opt_level, **summary.to_dict()}

@@ -32,6 +32,7 @@ def last_uses(graph: Graph) -> dict[int, list]:
 
 class ReferenceExecutor:
     name = "reference"
+    preferred_layout = "NCHW"
 
     def __init__(self, graph: Graph):
         self.graph = graph

@@ -48,11 +48,13 @@ class Node:
     """One operation. ``origins`` names the ONNX nodes it stands for (several after a fusion);
     ``created_by`` names the pass that made it (None for nodes imported from ONNX)."""
 
-    __slots__ = ("op", "inputs", "outputs", "attrs", "name", "origins", "created_by", "domain")
+    __slots__ = ("op", "inputs", "outputs", "attrs", "name", "origins", "created_by", "domain",
+                 "annotations")
 
     def __init__(self, op: str, inputs: list[Value | None], outputs: list[Value],
                  attrs: dict | None = None, name: str = "", origins: Iterable[str] = (),
-                 created_by: str | None = None, domain: str = ""):
+                 created_by: str | None = None, domain: str = "",
+                 annotations: dict | None = None):
         self.op = op
         self.inputs = list(inputs)
         self.outputs = list(outputs)
@@ -61,6 +63,9 @@ class Node:
         self.origins = tuple(origins) or ((name,) if name else ())
         self.created_by = created_by
         self.domain = domain
+        # Non-semantic notes from passes (a conv's chosen algorithm and why, a layout...). Unlike
+        # attrs they never change what the node computes, so shape rules never see them.
+        self.annotations = dict(annotations or {})
         for out in self.outputs:
             out.producer = self
 
@@ -77,6 +82,9 @@ class Graph:
         self.outputs: list[Value] = []
         self.constants: dict[str, Value] = {}
         self.nodes: list[Node] = []
+        # Facts that travel with the graph: the target and its preferred layout (set by compile),
+        # results of analyses such as "memory_plan". Values are referred to by name, never by object.
+        self.meta: dict = {}
         self._names: set[str] = set()
         self._counter = itertools.count()
 
@@ -181,8 +189,11 @@ class Graph:
             inputs = [mapping[id(v)] if v is not None else None for v in node.inputs]
             outputs = [clone(v) for v in node.outputs]
             new.nodes.append(Node(node.op, inputs, outputs, copy.deepcopy(node.attrs), node.name,
-                                  node.origins, node.created_by, node.domain))
+                                  node.origins, node.created_by, node.domain,
+                                  copy.deepcopy(node.annotations)))
         new.outputs = [mapping[id(v)] for v in self.outputs]
+        # meta refers to values by name only, so a shallow copy stays true.
+        new.meta = dict(self.meta)
         return new
 
     # ---- views --------------------------------------------------------------------------------

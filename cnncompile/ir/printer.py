@@ -55,6 +55,9 @@ def format_node(node) -> str:
         notes.append("from " + ", ".join(repr(o) for o in node.origins))
     if node.created_by:
         notes.append(f"by {node.created_by}")
+    for key, value in sorted(node.annotations.items()):
+        if not key.startswith("_"):
+            notes.append(f"{key}={format_attr(value)}")
     if notes:
         line += "  # " + "; ".join(notes)
     return line

@@ -4,7 +4,7 @@ Importing this package registers every op in ``OPS``.
 """
 
 from .base import OPS, Op, get_op, register, supported_ops
-from . import (activation, conv, detection, elementwise, linalg, norm, pool,  # noqa: F401
-               reduce, resize, shape)
+from . import (activation, conv, detection, elementwise, fused, linalg, norm,  # noqa: F401
+               pool, reduce, resize, shape)
 
 __all__ = ["OPS", "Op", "get_op", "register", "supported_ops"]
