@@ -15,6 +15,7 @@ from .errors import CnnCompileError
 from .frontend import import_onnx, load_model
 from .ir import Graph, Node, TensorType, Value
 from .runtime import Module
+from .inspect import inspect  # the function; it hides the submodule of the same name
 
 __version__ = "0.1.0"
 
@@ -47,5 +48,5 @@ def compile(model, target: str = "reference", input_shapes: Mapping[str, tuple] 
     return module
 
 
-__all__ = ["compile", "import_onnx", "load_model", "Module", "Graph", "Node", "Value",
+__all__ = ["compile", "inspect", "import_onnx", "load_model", "Module", "Graph", "Node", "Value",
            "TensorType", "errors", "CnnCompileError", "__version__"]

@@ -1,4 +1,5 @@
-"""The command line: ``cnncompile run`` compiles and runs a model, ``cnncompile info`` analyses one.
+"""The command line: ``cnncompile run`` compiles and runs a model, ``cnncompile info`` analyses one,
+``cnncompile inspect`` shows what the optimization passes did to it.
 
 Exit status: 0 success, 1 the model or an input is wrong (a ``UserError``), 2 the command line is
 wrong, 3 a bug in cnncompile. No Python traceback is shown unless ``--debug`` is given.
@@ -33,6 +34,7 @@ examples:
   cnncompile info model.onnx --shape input=1x3x224x224      fix a dynamic batch axis first
   cnncompile run model.onnx                                 run on seeded random inputs
   cnncompile run model.onnx --input input=image.npy --output out.npz
+  cnncompile inspect model.onnx --html report.html          what each optimization pass did
   cnncompile --debug run model.onnx                         show the traceback of an error
 
 exit status: 0 ok, 1 the model or an input is wrong, 2 bad command line, 3 a bug in cnncompile.
@@ -65,6 +67,33 @@ examples:
   cnncompile info model.onnx --opt-level 2          the graph after the optimization passes"""
 
 
+INSPECT_EPILOG = """\
+what it prints:
+  the pipeline: one row per pass with its time, the node count before -> after and what it did
+  ("folded 20 BatchNormalization into Conv"); with --check-numerics also the relative L2 error of
+  the outputs after that pass against the unoptimized graph. Then the final IR (one line per node,
+  with the ONNX nodes it came from and the pass that made it) and the memory plan: the arena size,
+  the lower bound (most bytes live at one step), the naive total and the largest tensors.
+
+examples:
+  cnncompile inspect resnet18.onnx                          pipeline table, final IR, memory plan
+  cnncompile inspect resnet18.onnx --html report.html       one page with before/after pictures
+  cnncompile inspect model.onnx --json > passes.json        the same as one JSON document
+  cnncompile inspect model.onnx --print-after fold_batchnorm fuse_conv_activation
+  cnncompile inspect model.onnx --print-after-all > ir.txt  the IR after every pass
+  cnncompile inspect model.onnx --check-numerics            find the pass that changed the outputs
+  cnncompile inspect model.onnx --disable fuse_residual_add --dot graph.svg
+  cnncompile inspect model.onnx --passes fold_batchnorm,fuse_conv_activation
+  cnncompile inspect --list-passes                          every pass and its opt-levels
+
+IR dumps (--print-*) go to stdout, or to stderr with --json. --disable, --print-after and
+--print-before take several names: give MODEL before them, or join the names with commas.
+--check-numerics runs the NumPy reference on seeded random inputs before the first pass and after
+every pass; if a pass's error exceeds --tolerance it is named on stderr and the exit status is 1.
+--dot writes the final graph: Graphviz source for FILE.dot / FILE.gv, a finished picture for
+FILE.svg (drawn by cnncompile; no Graphviz needed)."""
+
+
 class UsageError(Exception):
     """The command line is wrong in a way argparse cannot see (an unreadable .npy, say): exit 2."""
 
@@ -94,6 +123,14 @@ def parse_input(text: str) -> tuple[str, str]:
             f"'{text}' is not NAME=FILE; write the input's name, '=' and a .npy file, "
             f"e.g. --input input=image.npy")
     return name, path
+
+
+def parse_pass_list(text: str) -> list[str]:
+    """'a,b' -> ['a', 'b']; names are checked against the registry when the pipeline is built."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"'{text}' names no pass; see --list-passes")
+    return names
 
 
 def parse_target(text: str) -> str:
@@ -160,6 +197,60 @@ def build_parser() -> argparse.ArgumentParser:
                       help="analyse the graph after this level's passes (default: 0, the model "
                       "as imported with dead nodes removed)")
     info.set_defaults(func=cmd_info)
+
+    insp = commands.add_parser(
+        "inspect", parents=[debug], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="show what each optimization pass did: timings, summaries, IR, memory plan, "
+             "HTML report",
+        description="Import MODEL, run the optimization pipeline with its instruments on and show\n"
+                    "what every pass did. With --debug the IR is also verified after every pass.",
+        epilog=INSPECT_EPILOG)
+    insp.add_argument("model", metavar="MODEL", nargs="?",
+                      help="path of the .onnx file (not needed with --list-passes)")
+    insp.add_argument("--shape", metavar="NAME=DIMS", type=parse_shape, action="append",
+                      default=[], help=SHAPE_HELP)
+    insp.add_argument("--opt-level", type=int, choices=range(4), default=2, metavar="{0,1,2,3}",
+                      help="which pipeline to run (default: 2; see --list-passes)")
+    insp.add_argument("--passes", metavar="PASS,...", type=parse_pass_list,
+                      help="run exactly these passes, in this order, instead of --opt-level's")
+    insp.add_argument("--disable", metavar="PASS", nargs="+", action="extend", default=[],
+                      type=parse_pass_list, help="leave these passes out (names separated by "
+                      "spaces or commas; repeatable)")
+    insp.add_argument("--print-after-all", action="store_true",
+                      help="print the IR after every pass")
+    insp.add_argument("--print-after", metavar="PASS", nargs="+", action="extend", default=[],
+                      type=parse_pass_list, help="print the IR after these passes")
+    insp.add_argument("--print-before-all", action="store_true",
+                      help="print the IR before every pass")
+    insp.add_argument("--print-before", metavar="PASS", nargs="+", action="extend", default=[],
+                      type=parse_pass_list, help="print the IR before these passes")
+    insp.add_argument("--check-numerics", action="store_true",
+                      help="run the reference executor after every pass and report each pass's "
+                      "error against the unoptimized graph; exit 1 naming the first pass over "
+                      "--tolerance")
+    insp.add_argument("--tolerance", type=float, default=1e-5, metavar="X",
+                      help="relative L2 error a pass may introduce (default: 1e-5)")
+    insp.add_argument("--seed", type=int, default=0,
+                      help="seed of the random inputs of --check-numerics (default: 0)")
+    insp.add_argument("--target", default="reference", type=parse_target,
+                      metavar="{" + ",".join(TARGETS) + "}",
+                      help="backend whose preferences (layout) the passes follow "
+                      "(default: reference)")
+    insp.add_argument("--layout", choices=("NCHW", "NHWC"),
+                      help="store activations in this layout instead of the target's preferred "
+                      "one (shows what choose_layout does for a channels-last backend)")
+    insp.add_argument("--dot", metavar="FILE",
+                      help="write the final graph: Graphviz source (.dot, .gv) or a picture (.svg)")
+    insp.add_argument("--html", metavar="FILE",
+                      help="write a self-contained HTML report: pipeline, before/after pictures "
+                      "per pass, conv algorithms, memory timeline")
+    insp.add_argument("--json", action="store_true",
+                      help="print one JSON document: {\"passes\": [...], \"memory\": {...}}")
+    insp.add_argument("--no-ir", action="store_true",
+                      help="leave the final IR out of the text output")
+    insp.add_argument("--list-passes", action="store_true",
+                      help="list every registered pass with its opt-levels and description")
+    insp.set_defaults(func=cmd_inspect)
     return parser
 
 
@@ -399,6 +490,103 @@ def cmd_info(args) -> int:
     else:
         print_summary(args.model, summary)
     return EXIT_OK
+
+
+# ---- inspect -------------------------------------------------------------------------------------
+DOT_SUFFIXES = (".dot", ".gv")
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect
+
+    if args.list_passes:
+        print_pass_list()
+        return EXIT_OK
+    if not args.model:
+        eaten = [name for name in _flat(args.disable) + _flat(args.print_after)
+                 + _flat(args.print_before) if name.lower().endswith(".onnx")]
+        if eaten:
+            raise UsageError(f"'{eaten[0]}' was read as a pass name; give MODEL before "
+                             "--disable/--print-after/--print-before, or join pass names "
+                             "with commas")
+        raise UsageError("MODEL is required (only --list-passes works without one)")
+    shapes = _collect(args.shape, "--shape")
+    dot = _writable(args.dot, "--dot", DOT_SUFFIXES + (".svg",)) if args.dot else None
+    html = _writable(args.html, "--html", (".html", ".htm")) if args.html else None
+    passes = args.passes or None
+    print_after = ["all"] if args.print_after_all else _flat(args.print_after)
+    print_before = ["all"] if args.print_before_all else _flat(args.print_before)
+    stream = sys.stderr if args.json else sys.stdout
+
+    report = inspect(args.model, input_shapes=shapes or None, opt_level=args.opt_level,
+                     disabled_passes=_flat(args.disable), passes=passes,
+                     check_numerics=args.check_numerics, tolerance=args.tolerance,
+                     print_after=print_after, print_before=print_before,
+                     keep_graphs=html is not None, stream=stream, target=args.target,
+                     layout=args.layout, verify_each=getattr(args, "debug", False),
+                     seed=args.seed)
+    written = []
+    if dot is not None:
+        if dot.lower().endswith(DOT_SUFFIXES):
+            text = report.graph.to_dot()
+        else:
+            from .report.svg import graph_svg
+            text = graph_svg(report.graph, title=f"{report.model} after the pipeline")
+        _write_text(dot, text, "--dot")
+        written.append(f"wrote    {dot} (final graph, {len(report.graph.nodes)} nodes)")
+    if html is not None:
+        _write_text(html, report.to_html(), "--html")
+        written.append(f"wrote    {html} (HTML report)")
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.format_text(ir=not args.no_ir))
+        if written:
+            print()
+    for line in written:
+        print(line, file=sys.stderr if args.json else sys.stdout)
+    bad = report.bad_pass_message()
+    if bad is not None:
+        sys.stdout.flush()
+        print(f"error: --check-numerics: {bad}", file=sys.stderr)
+        return EXIT_USER
+    return EXIT_OK
+
+
+def _flat(groups) -> list[str]:
+    return [name for group in groups or () for name in group]
+
+
+def _writable(path: str, flag: str, suffixes: tuple[str, ...]) -> str:
+    if not path.lower().endswith(suffixes):
+        raise UsageError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
+    return path
+
+
+def _write_text(path: str, text: str, flag: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise UserError(f"cannot write {flag} {path}: {exc.strerror or exc}") from None
+
+
+def print_pass_list() -> None:
+    from .passes import PIPELINES, list_passes
+
+    rows = [["pass", "opt-levels", "description"]]
+    for info in list_passes():
+        levels = [str(level) for level, names in sorted(PIPELINES.items()) if info.name in names]
+        rows.append([info.name, ",".join(levels) or "-", info.description])
+    _print_table(rows)
+    print()
+    for level, names in sorted(PIPELINES.items()):
+        from .passes import PASSES
+        present = [name for name in names if name in PASSES]
+        print(f"opt-level {level}: {' -> '.join(present) or '(no passes)'}")
 
 
 def print_summary(model: str, summary) -> None:

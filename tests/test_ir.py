@@ -19,7 +19,7 @@ def _add_sqrt_model(batch="N"):
 
 
 def test_printer_one_line_per_node_with_origins():
-    mod = cnncompile.compile(_add_sqrt_model(), input_shapes={"x": (2, 4)})
+    mod = cnncompile.compile(_add_sqrt_model(), input_shapes={"x": (2, 4)}, opt_level=0)
     text = str(mod.graph)
     assert "%t: f32[2,4] = Add(%x, %b)  # from 'add1'" in text
     assert "%y: f32[2,4] = Sqrt(%t)  # from 'sq'" in text
@@ -71,7 +71,7 @@ def test_load_errors(tmp_path):
 
 
 def test_verifier_prints_ir_around_offending_node():
-    mod = cnncompile.compile(_add_sqrt_model(2))
+    mod = cnncompile.compile(_add_sqrt_model(2), opt_level=0)
     g = mod.graph.copy()
     g.nodes.reverse()  # Sqrt now reads %t before Add defines it
     with pytest.raises(VerificationError) as info:
@@ -81,7 +81,7 @@ def test_verifier_prints_ir_around_offending_node():
 
 
 def test_networkx_and_dot_views():
-    mod = cnncompile.compile(_add_sqrt_model(2))
+    mod = cnncompile.compile(_add_sqrt_model(2), opt_level=0)
     nxg = mod.graph.to_networkx()
     assert nxg.number_of_edges() == 3  # x->Add, Add->Sqrt, Sqrt->output
     dot = mod.graph.to_dot()

@@ -351,7 +351,9 @@ def test_reduce_mean_random_axes(shape, data, keepdims, opset):
     axes = data.draw(st.lists(st.integers(-rank, rank - 1), min_size=1, max_size=rank,
                               unique_by=lambda a: a % rank), label="axes")
     rng = np.random.default_rng(rank * 10 + len(axes))
-    x = rng.standard_normal(shape).astype(np.float32)
+    # Means of zero-centred data sit near 0, where relative error measures only float32 summation
+    # order (onnxruntime's vs ours), not correctness; keep the data away from a zero mean.
+    x = rng.uniform(0.5, 2.0, shape).astype(np.float32)
     if opset == 13:
         check_node("ReduceMean", {"x": x}, {"axes": axes, "keepdims": int(keepdims)}, opset)
     else:

@@ -248,7 +248,7 @@ def _unresolved_message(unresolved: list, declared: dict) -> str:
     py = ", ".join(f"'{n}': ({', '.join(d)}{',' if len(d) == 1 else ''})" for n, d in fixes.items())
     cli = " ".join(f"--shape {n}={'x'.join(d)}" for n, d in fixes.items())
     lines.append(f"fix: cnncompile.compile(model, input_shapes={{{py}}})")
-    lines.append(f"  or, with the CLI (run, info): {cli}")
+    lines.append(f"  or, with the CLI (run, info, inspect): {cli}")
     return "\n".join(lines)
 
 

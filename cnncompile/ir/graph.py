@@ -165,7 +165,9 @@ class Graph:
                 live.update(id(v) for v in node.inputs if v is not None)
         removed = len(self.nodes) - len(kept)
         self.nodes = kept[::-1]
-        self.constants = {k: v for k, v in self.constants.items() if id(v) in live}
+        # a node may name constants in its annotations (a weight packed for a backend's layout)
+        named = {v for node in kept for v in node.annotations.values() if isinstance(v, str)}
+        self.constants = {k: v for k, v in self.constants.items() if id(v) in live or k in named}
         return removed
 
     def copy(self) -> "Graph":

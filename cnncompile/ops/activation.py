@@ -1,4 +1,5 @@
-"""Activations: elementwise nonlinearities (Relu ... Mish), Clip, and Softmax / LogSoftmax.
+"""Activations: elementwise nonlinearities (Relu ... Mish, and the project ops Relu6 and Silu),
+Clip, and Softmax / LogSoftmax.
 
 Floating-point activations are evaluated in float64 and rounded once to the input dtype, so the
 reference is at least as accurate as any backend it is compared with.
@@ -60,6 +61,10 @@ Softplus = _activation("Softplus", _softplus, "log(1 + exp(x))", cost=4)
 Mish = _activation("Mish", lambda x: x * np.tanh(_softplus(x)), "x * tanh(softplus(x))", cost=8)
 HardSwish = _activation("HardSwish", lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
                         "x * max(0, min(1, x / 6 + 1 / 2))", cost=4)
+# Project ops (not ONNX): the canonical forms that canonicalize gives Clip(0, 6) and x * Sigmoid(x),
+# so that fusion passes and backends see one name per activation.
+Silu = _activation("Silu", lambda x: x * _sigmoid(x), "x * sigmoid(x) (SiLU, swish)", cost=5)
+Silu.internal = True
 
 
 @register
@@ -76,6 +81,25 @@ class Relu(Op):
     @staticmethod
     def reference(x):
         return np.maximum(x, np.zeros((), x.dtype))
+
+
+@register
+class Relu6(Op):
+    """min(max(x, 0), 6), exactly what Clip(x, 0, 6) computes; a project op, not ONNX."""
+    input_names = ("X",)
+    internal = True
+
+    @staticmethod
+    def infer(x):
+        if x.dtype not in FLOAT_DTYPES + SIGNED_DTYPES:
+            raise ShapeError(f"Relu6 takes a floating-point or signed integer tensor, got {x}")
+        return x
+
+    @staticmethod
+    def reference(x):
+        return np.minimum(np.maximum(x, np.zeros((), x.dtype)), np.full((), 6, x.dtype))
+
+    flops = _per_element(2)
 
 
 @register

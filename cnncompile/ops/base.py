@@ -42,6 +42,8 @@ class Op:
     input_names: tuple[str, ...] = ()
     #: False for ops whose result must not be computed at compile time even if inputs are constant
     foldable: bool = True
+    #: True for cnncompile's own ops (fused kernels, Relu6...): passes create them, ONNX files cannot
+    internal: bool = False
 
     @classmethod
     def normalize(cls, attrs: dict, input_types: Sequence[TensorType | None], opset: int) -> dict:
@@ -72,11 +74,12 @@ def register(cls: type[Op]) -> type[Op]:
 
 
 def supported_ops() -> list[str]:
-    return sorted(OPS)
+    """The ONNX operators the frontend accepts (cnncompile's internal ops are not among them)."""
+    return sorted(name for name, op in OPS.items() if not op.internal)
 
 
 def get_op(op_type: str, domain: str = "", node: str = "", opset: int | None = None) -> type[Op]:
-    if domain not in ("", "ai.onnx") or op_type not in OPS:
+    if domain not in ("", "ai.onnx") or op_type not in OPS or OPS[op_type].internal:
         raise UnsupportedOperatorError(op_type, node=node, domain=domain, opset=opset,
                                        supported=supported_ops())
     return OPS[op_type]

@@ -44,8 +44,8 @@ def register_pass(name: str, description: str):
 
 # Pipelines name passes; a name that is not registered yet is skipped, so a pipeline can list the
 # passes that later work adds without breaking earlier builds.
-CLEANUP = ["remove_identity", "fold_constants", "canonicalize", "eliminate_common_subexpressions",
-           "eliminate_dead_code"]
+CLEANUP = ["remove_identity", "fold_constants", "canonicalize", "cancel_transposes",
+           "eliminate_common_subexpressions", "eliminate_dead_code"]
 OPTIMIZE = ["fold_batchnorm", "fold_pad", "fuse_conv_activation", "fuse_residual_add",
             "fuse_elementwise", "eliminate_dead_code", "choose_layout", "lower_convolutions",
             "elide_concat", "plan_memory"]
