@@ -766,14 +766,26 @@ def _check_slice_annotations(graph: Graph, allocs) -> None:
 
 
 # ---- executing a plan ----------------------------------------------------------------------------
-def run_in_arena(graph: Graph, inputs: list[np.ndarray], plan: MemoryPlan | None = None,
-                 fill: int = 0xFF) -> list[np.ndarray]:
-    """Run the graph with every planned tensor stored in one arena at its planned place, the way a
-    compiled backend would: elided concats copy nothing, producers write into their slices and
-    in-place nodes over their inputs. The arena starts filled with ``fill`` bytes (NaN for
-    floats), so reading a clobbered or never-written byte shows in the outputs."""
-    from ..backends.reference import run_node
+@dataclass
+class Placement:
+    """Where a planned tensor lives: the sub-box ``box`` ([(lo, hi)] per axis) of ``root``, which is
+    an arena buffer at byte ``offset`` or, when ``output`` is True, the caller-owned graph output
+    named ``root``. A backend turns this into a view once, at build time."""
+    root: str
+    output: bool
+    offset: int | None
+    root_shape: tuple
+    dtype: np.dtype
+    box: list
 
+    @property
+    def is_whole(self) -> bool:
+        return all(lo == 0 and hi == d for (lo, hi), d in zip(self.box, self.root_shape))
+
+
+def placements(graph: Graph, plan: MemoryPlan | None = None) -> dict[str, Placement]:
+    """Placement of every planned tensor (in-place chains share one root, concat slices are boxes
+    of their concat's buffer)."""
     plan = plan or graph.meta["memory_plan"]
     allocs = {t.name: t for t in plan.tensors}
     types = {v.name: v.type for node in graph.nodes for v in node.outputs}
@@ -784,6 +796,28 @@ def run_in_arena(graph: Graph, inputs: list[np.ndarray], plan: MemoryPlan | None
     alias = {t.name: tuple(t.alias_of) for t in plan.tensors if t.alias_of is not None}
     external = {v.name: v for v in graph.outputs}
     where = _locate(list(allocs), {n: types[n] for n in allocs}, classes, alias, external)
+    result = {}
+    for name, (root, box) in where.items():
+        if isinstance(root, tuple):
+            rtype = external[root[1]].type
+            result[name] = Placement(root[1], True, None, rtype.shape, rtype.dtype, box)
+        else:
+            rtype = types[root]
+            result[name] = Placement(root, False, allocs[root].offset, rtype.shape, rtype.dtype,
+                                     box)
+    return result
+
+
+def run_in_arena(graph: Graph, inputs: list[np.ndarray], plan: MemoryPlan | None = None,
+                 fill: int = 0xFF) -> list[np.ndarray]:
+    """Run the graph with every planned tensor stored in one arena at its planned place, the way a
+    compiled backend would: elided concats copy nothing, producers write into their slices and
+    in-place nodes over their inputs. The arena starts filled with ``fill`` bytes (NaN for
+    floats), so reading a clobbered or never-written byte shows in the outputs."""
+    from ..backends.reference import run_node
+
+    plan = plan or graph.meta["memory_plan"]
+    where = placements(graph, plan)
     arena = np.full(plan.arena_bytes, fill, dtype=np.uint8)
     outputs = {}
     for v in graph.outputs:
@@ -792,25 +826,25 @@ def run_in_arena(graph: Graph, inputs: list[np.ndarray], plan: MemoryPlan | None
             outputs[v.name] = raw.view(v.type.dtype).reshape(v.type.shape)
 
     def place(name: str) -> np.ndarray:
-        root, box = where[name]
-        if isinstance(root, tuple):
-            base = outputs[root[1]]
+        p = where[name]
+        if p.output:
+            base = outputs[p.root]
         else:
-            rtype, offset = types[root], allocs[root].offset
-            base = arena[offset:offset + rtype.nbytes].view(rtype.dtype).reshape(rtype.shape)
-        return base[tuple(slice(lo, hi) for lo, hi in box)]
+            nbytes = int(np.prod(p.root_shape, dtype=np.int64)) * p.dtype.itemsize
+            base = arena[p.offset:p.offset + nbytes].view(p.dtype).reshape(p.root_shape)
+        return base[tuple(slice(lo, hi) for lo, hi in p.box)]
 
     env: dict[int, np.ndarray] = {id(v): np.asarray(a) for v, a in zip(graph.inputs, inputs)}
     env.update((id(v), v.data) for v in graph.constants.values())
     for node in graph.nodes:
         for v in node.outputs:
-            if v.name in allocs:
+            if v.name in where:
                 env[id(v)] = place(v.name)
             elif v.name in outputs:
                 env[id(v)] = outputs[v.name]
         args = [env[id(v)] if v is not None else None for v in node.inputs]
         if node.op == "Concat" and node.outputs[0].type.is_static:
-            _run_concat(node, args, env[id(node.outputs[0])])
+            run_concat(node, args, env[id(node.outputs[0])])
             continue
         results = run_node(node, args)
         for v, result in zip(node.outputs, results):
@@ -821,16 +855,21 @@ def run_in_arena(graph: Graph, inputs: list[np.ndarray], plan: MemoryPlan | None
     return [np.array(env[id(v)]) for v in graph.outputs]
 
 
-def _run_concat(node: Node, args: list[np.ndarray], out: np.ndarray) -> None:
+def run_concat(node: Node, args: list[np.ndarray], out: np.ndarray) -> None:
     """Copy the inputs that no producer wrote in place into their slices of ``out``."""
     if node.annotations.get("elided"):
         return
-    resident = set(node.annotations.get("elided_inputs", ()))
-    axis = node.attrs["axis"]
+    concat_into(out, args, node.attrs["axis"], node.annotations.get("elided_inputs", ()))
+
+
+def concat_into(out: np.ndarray, arrays: list[np.ndarray], axis: int, skip=()) -> None:
+    """Concatenate ``arrays`` along ``axis`` into ``out``, leaving the slices of the inputs listed
+    in ``skip`` alone (their producers wrote them in place). Backends call this too."""
+    skip = set(skip)
     start = 0
-    for i, array in enumerate(args):
+    for i, array in enumerate(arrays):
         stop = start + array.shape[axis]
-        if i not in resident:
+        if i not in skip:
             index = [slice(None)] * out.ndim
             index[axis] = slice(start, stop)
             np.copyto(out[tuple(index)], array)

@@ -17,6 +17,12 @@ class Module:
         self.executor = executor
         self.input_names = [v.name for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
+        self.pass_records: list = []
+
+    @property
+    def source(self) -> str | None:
+        """The generated Python module (CPU backend); None for the reference interpreter."""
+        return getattr(self.executor, "source", None)
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{v.name}: {v.type}" for v in self.graph.inputs)
