@@ -1,5 +1,6 @@
 """The command line: ``cnncompile run`` compiles and runs a model, ``cnncompile info`` analyses one,
-``cnncompile inspect`` shows what the optimization passes did to it.
+``cnncompile inspect`` shows what the optimization passes did to it, ``cnncompile bench`` times it
+against onnxruntime and ``cnncompile kernels`` times every conv algorithm on one shape.
 
 Exit status: 0 success, 1 the model or an input is wrong (a ``UserError``), 2 the command line is
 wrong, 3 a bug in cnncompile. No Python traceback is shown unless ``--debug`` is given.
@@ -35,6 +36,10 @@ examples:
   cnncompile run model.onnx                                 run on seeded random inputs
   cnncompile run model.onnx --input input=image.npy --output out.npz
   cnncompile inspect model.onnx --html report.html          what each optimization pass did
+  cnncompile bench model.onnx --batch 1,8 --per-layer       latency against onnxruntime
+  cnncompile kernels conv --shape 1,64,56,56 --weight 64,64,3,3 --pads 1
+                                                            every conv algorithm on one shape
+  cnncompile compile model.onnx -o model.cc                 save the compiled module (cpu)
   cnncompile --debug run model.onnx                         show the traceback of an error
 
 exit status: 0 ok, 1 the model or an input is wrong, 2 bad command line, 3 a bug in cnncompile.
@@ -251,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--list-passes", action="store_true",
                       help="list every registered pass with its opt-levels and description")
     insp.set_defaults(func=cmd_inspect)
+    add_bench_parser(commands, debug)
+    add_kernels_parser(commands, debug)
+    add_compile_command(commands, debug)
     return parser
 
 
@@ -475,6 +483,70 @@ def save_npz(path: str, outputs: dict[str, np.ndarray]) -> None:
         raise UserError(f"cannot write --output {path}: {exc.strerror or exc}") from None
 
 
+# ---- compile -------------------------------------------------------------------------------------
+COMPILE_EPILOG = """\
+what it writes (no pickles):
+  DIR/module.py       the generated Python module (the code Module.source shows)
+  DIR/constants.npz   the arrays it binds: weights, pre-packed and transformed weights
+  DIR/graph.json      inputs and outputs with dtypes and shapes, target, opset, version, memory plan
+  DIR/graph.txt       the optimized IR as text, for people
+
+  Run it again, without the .onnx file and without recompiling, from Python:
+      mod = cnncompile.load("DIR"); outputs = mod.run({"input": x})
+  An artifact loads only in the cnncompile version that wrote it.
+
+examples:
+  cnncompile compile resnet50.onnx -o resnet50.cc --shape data=1x3x224x224
+  cnncompile compile model.onnx -o model.cc --opt-level 3     autotune every conv first"""
+
+
+def add_compile_command(commands, debug) -> None:
+    comp = commands.add_parser(
+        "compile", parents=[debug], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="compile a model for target cpu and save it to a folder that cnncompile.load runs",
+        description="Compile MODEL for target cpu (generated Python + Numba kernels, compiled\n"
+                    "now) and write the result to the folder DIR.",
+        epilog=COMPILE_EPILOG)
+    comp.add_argument("model", metavar="MODEL", help="path of the .onnx file")
+    comp.add_argument("-o", "--output", metavar="DIR", required=True,
+                      help="folder to write (created if needed; its files are replaced)")
+    comp.add_argument("--shape", metavar="NAME=DIMS", type=parse_shape, action="append",
+                      default=[], help=SHAPE_HELP)
+    comp.add_argument("--opt-level", type=int, choices=range(4), default=2, metavar="{0,1,2,3}",
+                      help="optimization level (default: 2; 3 also autotunes every conv)")
+    comp.add_argument("--tune", action="store_true",
+                      help="autotune every conv at this opt-level too (as --opt-level 3 does)")
+    comp.set_defaults(func=cmd_compile)
+
+
+def cmd_compile(args) -> int:
+    import cnncompile
+    from .analysis import format_bytes
+
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"-o {args.output}: it is a file; give a folder")
+    shapes = _collect(args.shape, "--shape")
+    start = time.perf_counter()
+    module = cnncompile.compile(args.model, target="cpu", input_shapes=shapes or None,
+                                opt_level=args.opt_level, tune=args.tune)
+    compile_s = time.perf_counter() - start
+    folder = cnncompile.save(module, args.output)
+    graph = module.graph
+    tuned = " + autotune" if args.tune and args.opt_level < 3 else ""
+    print(f"model    {args.model}  (graph '{graph.name}', opset {graph.opset}, "
+          f"{len(graph.nodes)} nodes)")
+    print(f"target   cpu, opt-level {args.opt_level}{tuned}; compiled in {compile_s:.2f} s")
+    print(f"inputs   {', '.join(f'{v.name}: {v.type}' for v in graph.inputs) or 'none'}")
+    print(f"outputs  {', '.join(f'{v.name}: {v.type}' for v in graph.outputs)}")
+    print(f"wrote    {folder}")
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            print(f"  {name:<14} {format_bytes(os.path.getsize(path))}")
+    print(f"load it  cnncompile.load({folder!r})")
+    return EXIT_OK
+
+
 # ---- info ----------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
     from .analysis import summarize
@@ -641,6 +713,212 @@ def _print_table(rows: list[list[str]], indent: int = 0, numeric_from: int | Non
             right = numeric_from is not None and i >= numeric_from
             cells.append(f"{cell:>{widths[i]}}" if right else f"{cell:<{widths[i]}}")
         print(" " * indent + "  ".join(cells).rstrip())
+
+
+# ---- bench and kernels ---------------------------------------------------------------------------
+BENCH_EPILOG = """\
+what it prints:
+  per batch: each engine's median and p90 latency over --runs timed runs, p90/median (the
+  spread), images/s and GFLOP/s, and the latency ratio cnncompile / engine (below 1: cnncompile
+  is faster). The engines run in the same process in alternating blocks (A B A B ...), each block
+  after --warmup untimed calls, so one engine's idle thread pool cannot slow the other's timed
+  runs. Then the compile time, the arena size, how many nodes still run a NumPy reference, the
+  outputs' error against onnxruntime and the process's peak RSS. --per-layer adds one row per
+  node: algorithm, time, GFLOP/s, % of the machine's GEMM ceiling (np.matmul 2048^3 float32,
+  measured once) and share of the total.
+
+examples:
+  cnncompile bench resnet18.onnx --batch 1,8
+  cnncompile bench zoo:resnet50 --per-layer --top 15
+  cnncompile bench zoo:unet --image-size 256 --json > unet.json
+  cnncompile bench model.onnx --shape input=1x3x320x320 --html bench.html
+  cnncompile bench zoo:resnet18 --self-check          onnxruntime vs onnxruntime: must read ~1.00
+
+MODEL is an .onnx file or zoo:NAME (a zoo model with random weights; see cnncompile.zoo).
+--batch sets the dynamic leading axis of every input (zoo models: 'N'); one compile per batch.
+onnxruntime is an optional extra: pip install cnncompile[bench]."""
+
+KERNELS_EPILOG = """\
+what it prints:
+  for every conv algorithm: whether it applies to the shape (n/a with the reason when not),
+  whether a kernel or the NumPy reference ran it, the median time, GFLOP/s, % of the GEMM
+  ceiling and the relative L2 error against the reference executor; onnxruntime's time and
+  error for the same conv last.
+
+examples:
+  cnncompile kernels conv --shape 1,64,56,56 --weight 64,64,3,3 --pads 1
+  cnncompile kernels conv --shape 1,32,112,112 --weight 32,1,3,3 --group 32 --pads 1 --stride 2
+  cnncompile kernels conv --shape 8,256,14,14 --weight 256,256,3,3 --pads 1 \\
+      --algos im2col_gemm,winograd_f2x2_3x3,winograd_f4x4_3x3
+
+--stride and --dilation take one value or one per spatial axis; --pads one value, one per axis
+(symmetric) or the ONNX order (all begins, then all ends)."""
+
+
+def parse_ints(text: str) -> list[int]:
+    """'1,64,56,56' -> [1, 64, 56, 56] ('x' separates too)."""
+    parts = [p for p in re.split(r"[x,]", text.strip()) if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of integers such as "
+                                         "1,64,56,56") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"'{text}' names no integers")
+    return values
+
+
+def parse_batches(text: str) -> list[int]:
+    values = parse_ints(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': batch sizes must be positive")
+    return values
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
+    return value
+
+
+def _timing_options(parser: argparse.ArgumentParser, runs: int) -> None:
+    parser.add_argument("--runs", type=positive, default=runs,
+                        help=f"timed runs per engine (default: {runs})")
+    parser.add_argument("--warmup", type=int, default=2, metavar="N",
+                        help="untimed calls at the start of every block (default: 2)")
+    parser.add_argument("--blocks", type=positive, default=5, metavar="N",
+                        help="alternating blocks the runs are split into (default: 5)")
+    parser.add_argument("--threads", type=positive, default=2, metavar="N",
+                        help="threads for every engine: Numba, NumPy's BLAS and onnxruntime's "
+                        "intra-op pool (default: 2)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def add_bench_parser(commands, debug) -> None:
+    from .backends import TARGETS
+
+    bench = commands.add_parser(
+        "bench", parents=[debug], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="time a compiled model against onnxruntime (latency, throughput, per layer)",
+        description="Compile MODEL and time it against onnxruntime in the same process.",
+        epilog=BENCH_EPILOG)
+    bench.add_argument("model", metavar="MODEL", help="path of the .onnx file, or zoo:NAME")
+    bench.add_argument("--shape", metavar="NAME=DIMS", type=parse_shape, action="append",
+                       default=[], help=SHAPE_HELP)
+    bench.add_argument("--batch", metavar="B,...", type=parse_batches,
+                       help="batch sizes to compile and time, e.g. 1,8 (default: the --shape "
+                       "given, or 1 for a dynamic batch axis)")
+    bench.add_argument("--image-size", type=positive, metavar="PIXELS",
+                       help="image size of a zoo:NAME model (default: the model's own)")
+    bench.add_argument("--compare", metavar="ENGINE,...",
+                       help="engines to time beside cnncompile: onnxruntime, torch or none "
+                       "(default: onnxruntime when it is installed)")
+    bench.add_argument("--torch-model", metavar="FILE.pt",
+                       help="a TorchScript file of the same network, for --compare torch")
+    bench.add_argument("--per-layer", action="store_true",
+                       help="add the per-layer table (target cpu)")
+    bench.add_argument("--top", type=positive, metavar="N",
+                       help="show only the N slowest layers (the JSON keeps all)")
+    bench.add_argument("--html", metavar="FILE", help="write the report as one HTML page")
+    bench.add_argument("--self-check", action="store_true",
+                       help="validate the harness: time onnxruntime against a second "
+                       "onnxruntime session; the ratio must read ~1.00")
+    bench.add_argument("--target", default="cpu", type=parse_target,
+                       metavar="{" + ",".join(TARGETS) + "}", help="backend (default: cpu)")
+    bench.add_argument("--opt-level", type=int, choices=range(4), default=2, metavar="{0,1,2,3}",
+                       help="optimization pipeline (default: 2)")
+    bench.add_argument("--budget", type=float, metavar="SECONDS",
+                       help="at most this many seconds of timed runs per engine and batch: "
+                       "slow models get fewer runs (at least 5)")
+    _timing_options(bench, runs=30)
+    bench.set_defaults(func=cmd_bench)
+
+
+def add_kernels_parser(commands, debug) -> None:
+    from .passes.lowering import ALGORITHMS
+
+    kernels = commands.add_parser(
+        "kernels", parents=[debug], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="the kernel lab: time every conv algorithm on one shape, with its error",
+        description="Build a one-convolution model, force each algorithm in turn and time it.",
+        epilog=KERNELS_EPILOG)
+    families = kernels.add_subparsers(dest="family", metavar="FAMILY", required=True)
+    conv = families.add_parser(
+        "conv", parents=[debug], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="convolution algorithms", description="Time every conv algorithm on one shape.",
+        epilog=KERNELS_EPILOG)
+    conv.add_argument("--shape", metavar="N,C,H,W", type=parse_ints, required=True,
+                      help="input shape (1 to 3 spatial axes)")
+    conv.add_argument("--weight", metavar="K,C,R,S", type=parse_ints, required=True,
+                      help="weight shape: output channels, input channels / group, kernel")
+    conv.add_argument("--stride", metavar="S", type=parse_ints, help="strides (default: 1)")
+    conv.add_argument("--pads", metavar="P", type=parse_ints, help="pads (default: 0)")
+    conv.add_argument("--dilation", metavar="D", type=parse_ints, help="dilations (default: 1)")
+    conv.add_argument("--group", type=positive, default=1, help="groups (default: 1)")
+    conv.add_argument("--bias", action="store_true", help="give the conv a bias")
+    conv.add_argument("--algos", metavar="all|A,...", default="all",
+                      help="algorithms to try: all (default) or a comma-separated list of "
+                      + ", ".join(ALGORITHMS))
+    conv.add_argument("--no-ort", action="store_true", help="do not time onnxruntime")
+    _timing_options(conv, runs=20)
+    conv.set_defaults(func=cmd_kernels)
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    shapes = _collect(args.shape, "--shape")
+    html = _writable(args.html, "--html", (".html", ".htm")) if args.html else None
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    proto = bench.load_bench_model(args.model, args.image_size)
+    batches = args.batch or [None]
+    if args.self_check:
+        checks = [bench.self_check(proto, shapes, batch, args.runs, args.warmup, args.blocks,
+                                   args.threads) for batch in batches]
+        if args.json:
+            print(json.dumps({"model": args.model, "self_check": checks}, indent=2))
+        else:
+            print("\n\n".join(bench.format_self_check(c) for c in checks))
+        return EXIT_OK
+    if args.per_layer and args.target != "cpu":
+        raise UsageError("--per-layer needs --target cpu")
+    compare = bench.parse_compare(args.compare)
+    log = None if args.json else (lambda text: print(f"... {text}", file=sys.stderr, flush=True))
+    report = bench.bench_model(proto, shapes, batches, compare, args.per_layer, args.runs,
+                               args.warmup, args.blocks, args.threads, args.target,
+                               args.opt_level, args.torch_model, model_name=args.model,
+                               compare_explicit=args.compare is not None,
+                               budget_s=args.budget, log=log)
+    if html is not None:
+        _write_text(html, bench.bench_html(report), "--html")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(bench.format_bench(report, top=args.top))
+        if html is not None:
+            print(f"wrote    {html} (HTML report)")
+    return EXIT_OK
+
+
+def cmd_kernels(args) -> int:
+    from . import bench
+
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    lab = bench.kernel_lab_conv(args.shape, args.weight, args.stride, args.pads, args.dilation,
+                                args.group, args.bias, algos, args.runs, args.warmup, args.blocks,
+                                args.threads, compare_ort=not args.no_ort)
+    if args.json:
+        print(json.dumps(lab, indent=2))
+    else:
+        print(bench.format_kernel_lab(lab))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ class InspectReport:
                 "group": node.attrs.get("group", 1),
                 "algorithm": node.annotations.get("algorithm"),
                 "reason": node.annotations.get("_reason", ""),
+                "tuning": node.annotations.get("_tuning"),
             })
         return rows
 
@@ -408,8 +409,31 @@ def format_report(report: InspectReport, ir: bool = True, top: int = 10) -> str:
                                                 f"random inputs)"))
     if ir:
         lines += ["", "final IR", format_graph(g, constants=False)]
+    tuned = format_tuning(report.conv_algorithms())
+    if tuned:
+        lines += ["", "autotuning (ms: median time of the one-node module; err: relative L2 "
+                  "against the reference)"] + tuned
     lines += ["", "memory plan"] + format_memory(report.memory_summary, top)
     return "\n".join(lines)
+
+
+def format_tuning(rows: list[dict]) -> list[str]:
+    """One line per tuned convolution: the chosen algorithm first, then the other candidates by
+    time, each with its error."""
+    table_rows = [["convolution", "chosen", "candidates: ms (err)"]]
+    for row in rows:
+        tuning = row.get("tuning")
+        if not tuning:
+            continue
+        order = sorted(tuning, key=lambda a: (a != row["algorithm"], tuning[a].get("ms") is None,
+                                              tuning[a].get("ms") or 0.0))
+        cells = []
+        for algorithm in order:
+            ms, err = tuning[algorithm].get("ms"), tuning[algorithm].get("rel_err")
+            cells.append(f"{algorithm} failed" if ms is None
+                         else f"{algorithm} {ms:.3f} ({format_error(err)})")
+        table_rows.append([row["node"], str(row["algorithm"]), ", ".join(cells)])
+    return table(table_rows) if len(table_rows) > 1 else []
 
 
 __all__ = ["inspect", "InspectReport", "MemorySummary", "TensorSlot", "summarize_plan",

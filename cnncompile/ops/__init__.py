@@ -4,7 +4,7 @@ Importing this package registers every op in ``OPS``.
 """
 
 from .base import OPS, Op, get_op, register, supported_ops
-from . import (activation, conv, detection, elementwise, fused, linalg, norm,  # noqa: F401
-               pool, reduce, resize, shape)
+from . import (activation, conv, detection, elementwise, fused, grad_ops, linalg,  # noqa: F401
+               norm, pool, reduce, resize, shape, training_ops)
 
 __all__ = ["OPS", "Op", "get_op", "register", "supported_ops"]

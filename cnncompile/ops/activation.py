@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import ModelError, ShapeError
 from ..ir.types import FLOAT_DTYPES, TensorType
 from .base import Op, broadcast_shapes, fill_defaults, normalize_axis, register
-from .elementwise import _erf
+from .elementwise import _erf, pointwise_rule
 
 SIGNED_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64))
 
@@ -65,6 +65,12 @@ HardSwish = _activation("HardSwish", lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1
 # so that fusion passes and backends see one name per activation.
 Silu = _activation("Silu", lambda x: x * _sigmoid(x), "x * sigmoid(x) (SiLU, swish)", cost=5)
 Silu.internal = True
+Sigmoid.gradient = pointwise_rule("Y")
+Tanh.gradient = pointwise_rule("Y")
+Softplus.gradient = pointwise_rule("X")
+Mish.gradient = pointwise_rule("X")
+HardSwish.gradient = pointwise_rule("X")
+Silu.gradient = pointwise_rule("X")
 
 
 @register
@@ -81,6 +87,8 @@ class Relu(Op):
     @staticmethod
     def reference(x):
         return np.maximum(x, np.zeros((), x.dtype))
+
+    gradient = pointwise_rule("Y")
 
 
 @register
@@ -100,6 +108,7 @@ class Relu6(Op):
         return np.minimum(np.maximum(x, np.zeros((), x.dtype)), np.full((), 6, x.dtype))
 
     flops = _per_element(2)
+    gradient = pointwise_rule("X")
 
 
 @register
@@ -123,6 +132,7 @@ class LeakyRelu(Op):
         return np.where(x64 < 0, alpha * x64, x64).astype(x.dtype)
 
     flops = _per_element(2)
+    gradient = pointwise_rule("X")
 
 
 @register
@@ -159,6 +169,13 @@ class PRelu(Op):
 
     flops = _per_element(2)
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """dX = dY where X >= 0, dY * slope elsewhere; dslope = dY * X where X < 0, summed to
+        slope's shape (PReluGrad)."""
+        dx, dslope = g.op("PReluGrad", [grads[0], *node.inputs], outputs=2)
+        return [dx, dslope]
+
 
 @register
 class Elu(Op):
@@ -182,6 +199,7 @@ class Elu(Op):
         return np.where(x64 > 0, x64, alpha * np.expm1(np.minimum(x64, 0.0))).astype(x.dtype)
 
     flops = _per_element(4)
+    gradient = pointwise_rule("X")
 
 
 @register
@@ -207,6 +225,7 @@ class Selu(Op):
         return (gamma * np.where(x64 > 0, x64, neg)).astype(x.dtype)
 
     flops = _per_element(5)
+    gradient = pointwise_rule("X")
 
 
 @register
@@ -236,6 +255,7 @@ class Gelu(Op):
         return (0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)))).astype(x.dtype)
 
     flops = _per_element(8)
+    gradient = pointwise_rule("X")
 
 
 @register
@@ -260,6 +280,7 @@ class HardSigmoid(Op):
         return np.clip(alpha * x.astype(np.float64) + beta, 0.0, 1.0).astype(x.dtype)
 
     flops = _per_element(4)
+    gradient = pointwise_rule("X")
 
 
 @register
@@ -304,6 +325,7 @@ class Clip(Op):
         return np.array(out, dtype=x.dtype)
 
     flops = _per_element(2)
+    gradient = pointwise_rule("X")
 
 
 class _SoftmaxFamily(Op):
@@ -355,6 +377,11 @@ class Softmax(_SoftmaxFamily):
         e = np.exp(x64 - x64.max(axis=axes, keepdims=True))
         return (e / e.sum(axis=axes, keepdims=True)).astype(x.dtype)
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """dX = Y * (dY - sum(dY * Y)) over the normalised axes (SoftmaxGrad, from the output)."""
+        return [g.op("SoftmaxGrad", [grads[0], node.outputs[0]], dict(node.attrs))]
+
 
 @register
 class LogSoftmax(_SoftmaxFamily):
@@ -364,3 +391,8 @@ class LogSoftmax(_SoftmaxFamily):
         x64 = x.astype(np.float64)
         shifted = x64 - x64.max(axis=axes, keepdims=True)
         return (shifted - np.log(np.exp(shifted).sum(axis=axes, keepdims=True))).astype(x.dtype)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """dX = dY - exp(Y) * sum(dY) over the normalised axes (SoftmaxGrad with log)."""
+        return [g.op("SoftmaxGrad", [grads[0], node.outputs[0]], {**node.attrs, "log": True})]

@@ -181,6 +181,16 @@ def _check_bias(op: str, b: TensorType | None, x: TensorType, channels: int) -> 
                          "per output channel)")
 
 
+GEOMETRY = ("dilations", "group", "kernel_shape", "pads", "strides")
+
+
+def _bias_gradient(g, dy):
+    """dB of a convolution: dY summed over the batch and the spatial axes."""
+    channels = dy.shape[1]
+    summed = g.op("SumTo", [dy], {"shape": [channels] + [1] * (len(dy.shape) - 2)})
+    return g.reshape(summed, [channels])
+
+
 def _check_weight(op: str, x: TensorType, w: TensorType) -> None:
     require_float(op, x)
     if w.dtype != x.dtype:
@@ -281,6 +291,28 @@ class Conv(Op):
             return 0
         group = attrs.get("group", 1)
         return 2 * y.size * (x.shape[1] // group) * math.prod(w.shape[2:])
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """dX: the transposed convolution of dY with the same W and geometry, output_padding
+        restoring the input positions past the last window; dW: the correlation of X with dY
+        (ConvGradWeight); dB: dY summed."""
+        x, w = node.inputs[:2]
+        dy = grads[0]
+        geometry = {k: node.attrs[k] for k in GEOMETRY}
+        dx = dw = db = None
+        if g.needs(node, 0):
+            rank, pads = x.type.rank - 2, geometry["pads"]
+            reach = [(o - 1) * s + extent(k, d) - pads[i] - pads[i + rank] for i, (o, s, k, d)
+                     in enumerate(zip(dy.shape[2:], geometry["strides"],
+                                      geometry["kernel_shape"], geometry["dilations"]))]
+            padding = [n - r for n, r in zip(x.shape[2:], reach)]
+            dx = g.op("ConvTranspose", [dy, w], {**geometry, "output_padding": padding})
+        if g.needs(node, 1):
+            dw = g.op("ConvGradWeight", [x, dy], geometry)
+        if g.needs(node, 2):
+            db = _bias_gradient(g, dy)
+        return [dx, dw, db][:len(node.inputs)]
 
 
 # ---- ConvTranspose -------------------------------------------------------------------------------
@@ -423,3 +455,24 @@ class ConvTranspose(Op):
         if not x.is_static:
             return 0
         return 2 * x.size * w.shape[1] * math.prod(w.shape[2:])
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """The Conv pair swapped. dX: Conv of dY with the same W and geometry (cropped when an
+        output_padding of a stride or more made Y longer than X's windows reach); dW:
+        ConvGradWeight with dY as the input and X as the output gradient; dB: dY summed."""
+        x, w = node.inputs[:2]
+        dy = grads[0]
+        geometry = {k: node.attrs[k] for k in GEOMETRY}
+        dx = dw = db = None
+        if g.needs(node, 0):
+            dx = g.op("Conv", [dy, w], geometry)
+            if tuple(dx.shape) != tuple(x.shape):
+                rank = x.type.rank - 2
+                dx = g.op("Slice", [dx], {"starts": [0] * rank, "ends": list(x.shape[2:]),
+                                          "axes": list(range(2, 2 + rank)), "steps": [1] * rank})
+        if g.needs(node, 1):
+            dw = g.op("ConvGradWeight", [dy, x], geometry)
+        if g.needs(node, 2):
+            db = _bias_gradient(g, dy)
+        return [dx, dw, db][:len(node.inputs)]

@@ -57,6 +57,52 @@ Mul = _binary("Mul", np.multiply, "A * B")
 Div = _binary("Div", _int_div, "A / B (integers truncate toward zero)")
 
 
+# ---- gradient rules (cnncompile/autodiff/grad.py walks them; docs/AUTODIFF.md) -------------------
+def pointwise_rule(at: str = "X"):
+    """The rule of a pointwise unary op: dX = dY * f'(V), by grad_ops.ActivationGrad, whose table
+    writes f' in terms of the op's input X or its output Y (``at``, fixed per op there)."""
+    def gradient(g, node, grads):
+        value = g.input_value(node, 0) if at == "X" else g.output_value(node, 0)
+        return [g.op("ActivationGrad", [grads[0], value],
+                     {"activation": node.op, "activation_attrs": dict(node.attrs), "at": at})]
+    return staticmethod(gradient)
+
+
+def _add_gradient(g, node, grads):
+    a, b = node.inputs
+    return [g.sum_to(grads[0], a), g.sum_to(grads[0], b)]
+
+
+def _sub_gradient(g, node, grads):
+    a, b = node.inputs
+    negated = g.op("Neg", [grads[0]]) if g.needs(node, 1) else None
+    return [g.sum_to(grads[0], a), g.sum_to(negated, b) if negated is not None else None]
+
+
+def _mul_gradient(g, node, grads):
+    a, b = node.inputs
+    da = g.sum_to(g.op("Mul", [grads[0], b]), a) if g.needs(node, 0) else None
+    db = g.sum_to(g.op("Mul", [grads[0], a]), b) if g.needs(node, 1) else None
+    return [da, db]
+
+
+def _div_gradient(g, node, grads):
+    # d(a / b)/db = -(a / b) / b: the output stands in for a
+    a, b = node.inputs
+    da = g.sum_to(g.op("Div", [grads[0], b]), a) if g.needs(node, 0) else None
+    db = None
+    if g.needs(node, 1):
+        quotient = g.op("Div", [g.op("Mul", [grads[0], node.outputs[0]]), b])
+        db = g.sum_to(g.op("Neg", [quotient]), b)
+    return [da, db]
+
+
+Add.gradient = staticmethod(_add_gradient)
+Sub.gradient = staticmethod(_sub_gradient)
+Mul.gradient = staticmethod(_mul_gradient)
+Div.gradient = staticmethod(_div_gradient)
+
+
 @register
 class Pow(Op):
     """X ** Y; Y may have another dtype than X (opset 12+). The result has X's dtype."""
@@ -71,6 +117,12 @@ class Pow(Op):
         if np.issubdtype(x.dtype, np.integer) and np.issubdtype(y.dtype, np.integer):
             return np.power(x, y).astype(x.dtype)
         return np.power(x.astype(np.float64), y.astype(np.float64)).astype(x.dtype)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """dX = dZ Y X^(Y-1), dY = dZ X^Y log X, each summed to its input's shape (PowGrad)."""
+        dx, dy = g.op("PowGrad", [grads[0], *node.inputs], outputs=2)
+        return [dx, dy]
 
 
 def _unary(name: str, fn, doc: str, floats_only: bool = True):
@@ -100,6 +152,14 @@ Floor = _unary("Floor", np.floor, "round down")
 Ceil = _unary("Ceil", np.ceil, "round up")
 Neg = _unary("Neg", np.negative, "-x", floats_only=False)
 Abs = _unary("Abs", np.abs, "|x|", floats_only=False)
+Sqrt.gradient = pointwise_rule("Y")
+Exp.gradient = pointwise_rule("Y")
+Erf.gradient = pointwise_rule("X")
+Reciprocal.gradient = pointwise_rule("Y")
+Abs.gradient = pointwise_rule("X")
+# Floor and Ceil are flat almost everywhere: no gradient flows through them.
+Floor.gradient = Ceil.gradient = staticmethod(lambda g, node, grads: [None])
+Neg.gradient = staticmethod(lambda g, node, grads: [g.op("Neg", [grads[0]])])
 
 
 def _variadic(name: str, fn, doc: str):
@@ -127,6 +187,28 @@ Min = _variadic("Min", np.minimum, "elementwise minimum of all inputs")
 Mean = _variadic("Mean", np.add, "elementwise mean of all inputs")
 
 
+def _sum_gradient(g, node, grads):
+    return [g.sum_to(grads[0], x) for x in node.inputs]
+
+
+def _mean_gradient(g, node, grads):
+    share = g.scale(grads[0], 1.0 / len(node.inputs))
+    return [g.sum_to(share, x) for x in node.inputs]
+
+
+def _extremum_gradient(g, node, grads):
+    """dY goes to the inputs that equal the result (ExtremumGrad splits ties evenly)."""
+    if len(node.inputs) == 1:
+        return [grads[0]]
+    return g.op("ExtremumGrad", [grads[0], node.outputs[0], *node.inputs],
+                outputs=len(node.inputs))
+
+
+Sum.gradient = staticmethod(_sum_gradient)
+Mean.gradient = staticmethod(_mean_gradient)
+Max.gradient = Min.gradient = staticmethod(_extremum_gradient)
+
+
 @register
 class Identity(Op):
     input_names = ("input",)
@@ -142,6 +224,10 @@ class Identity(Op):
     @staticmethod
     def flops(input_types, output_types, **attrs):
         return 0
+
+    @staticmethod
+    def gradient(g, node, grads):
+        return [grads[0]]
 
 
 @register
@@ -176,6 +262,11 @@ class Dropout(Op):
     @staticmethod
     def flops(input_types, output_types, **attrs):
         return 0
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """Inference Dropout passes X through (training uses training_ops.DropoutTrain)."""
+        return [grads[0]] + [None] * (len(node.inputs) - 1)
 
 
 @register
@@ -219,3 +310,11 @@ class Cast(Op):
     @staticmethod
     def flops(input_types, output_types, **attrs):
         return 0
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """Float to float: the gradient cast back; a cast to or from integers passes none."""
+        x = node.inputs[0]
+        if grads[0] is None or x.dtype not in FLOAT_DTYPES:
+            return [None]
+        return [g.op("Cast", [grads[0]], {"to": x.dtype.name, "saturate": True})]

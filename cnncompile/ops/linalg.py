@@ -96,6 +96,27 @@ class Gemm(Op):
         bias = out if len(input_types) > 2 and input_types[2] is not None else 0
         return 2 * out * k + bias
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """With A' = op(A), B' = op(B): dA' = alpha dY B'^T and dB' = alpha A'^T dY, each one Gemm
+        whose trans flags give dA and dB directly; dC = beta dY summed to C's shape."""
+        a, b = node.inputs[:2]
+        dy = grads[0]
+        alpha, beta = node.attrs["alpha"], node.attrs["beta"]
+        trans_a, trans_b = node.attrs["transA"], node.attrs["transB"]
+        da = db = dc = None
+        if g.needs(node, 0):
+            da = (g.op("Gemm", [b, dy], {"alpha": alpha, "transA": trans_b, "transB": True})
+                  if trans_a else
+                  g.op("Gemm", [dy, b], {"alpha": alpha, "transB": not trans_b}))
+        if g.needs(node, 1):
+            db = (g.op("Gemm", [dy, a], {"alpha": alpha, "transA": True, "transB": trans_a})
+                  if trans_b else
+                  g.op("Gemm", [a, dy], {"alpha": alpha, "transA": not trans_a}))
+        if g.needs(node, 2):
+            dc = g.sum_to(g.scale(dy, beta), node.inputs[2])
+        return [da, db, dc][:len(node.inputs)]
+
 
 def _matmul_shape(a: TensorType, b: TensorType) -> tuple:
     if a.rank == 0 or b.rank == 0:
@@ -136,3 +157,26 @@ class MatMul(Op):
     def flops(input_types, output_types, **attrs):
         k = input_types[0].shape[-1]
         return 2 * output_types[0].size * k
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """dA = dY @ B^T and dB = A^T @ dY over the broadcast batch axes, summed back to each
+        operand's shape; a 1-D A is a row and a 1-D B a column for the products."""
+        a, b = node.inputs
+        a2 = g.reshape(a, (1,) + a.shape) if a.type.rank == 1 else a
+        b2 = g.reshape(b, b.shape + (1,)) if b.type.rank == 1 else b
+        product = _matmul_shape(a2.type, b2.type)
+        dy = g.reshape(grads[0], product)
+        da = db = None
+        if g.needs(node, 0):
+            da = g.sum_to(g.op("MatMul", [dy, _swap_last(g, b2)]), a2)
+            da = g.reshape(da, a.shape)
+        if g.needs(node, 1):
+            db = g.sum_to(g.op("MatMul", [_swap_last(g, a2), dy]), b2)
+            db = g.reshape(db, b.shape)
+        return [da, db]
+
+
+def _swap_last(g, value):
+    rank = value.type.rank
+    return g.op("Transpose", [value], {"perm": [*range(rank - 2), rank - 1, rank - 2]})

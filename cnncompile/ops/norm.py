@@ -91,6 +91,25 @@ class BatchNormalization(Op):
         # With the statistics folded into one scale and shift: a multiply-add per element.
         return 2 * sum(t.size for t in output_types if t.is_static)
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """Inference form: fixed statistics make Y affine in X, so dX = dY * scale / sqrt(var +
+        epsilon), with dscale and dB (BatchNormGrad); the statistics, when asked for, get
+        dmean = -dB * scale / sqrt(var + eps) and dvar = -dscale * scale / (2 (var + eps)).
+        Training mode is training_ops.BatchNormTrain, with its own rule."""
+        x, scale, _, mean, var = node.inputs
+        epsilon = node.attrs["epsilon"]
+        dx, dscale, db = g.op("BatchNormGrad", [grads[0], x, scale, mean, var],
+                              {"epsilon": epsilon}, outputs=3)
+        dmean = dvar = None
+        if g.needs(node, 3) or g.needs(node, 4):
+            shifted = g.op("Add", [var, g.constant(np.asarray(epsilon, var.dtype), "epsilon")])
+            gain = g.op("Div", [scale, g.op("Sqrt", [shifted])])
+            dmean = g.op("Neg", [g.op("Mul", [db, gain])])
+            half = g.op("Div", [scale, g.scale(shifted, -2.0)])
+            dvar = g.op("Mul", [dscale, half])
+        return [dx, dscale, db, dmean, dvar]
+
 
 @register
 class InstanceNormalization(Op):
@@ -128,6 +147,14 @@ class InstanceNormalization(Op):
     def flops(input_types, output_types, **attrs):
         # mean (add), variance (subtract, multiply-add), normalise (multiply-add)
         return 6 * sum(t.size for t in output_types if t.is_static)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """The statistics are X's own, so dX carries their dependence on X (InstanceNormGrad)."""
+        x, scale, _ = node.inputs
+        dx, dscale, db = g.op("InstanceNormGrad", [grads[0], x, scale], dict(node.attrs),
+                              outputs=3)
+        return [dx, dscale, db]
 
 
 @register
@@ -170,3 +197,7 @@ class LRN(Op):
     def flops(input_types, output_types, size=1, **attrs):
         # a square and size-1 adds for the window, then scale, bias, power and divide
         return (size + 4) * sum(t.size for t in output_types if t.is_static)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        return [g.op("LRNGrad", [grads[0], node.inputs[0]], dict(node.attrs))]

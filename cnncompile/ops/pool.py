@@ -70,6 +70,16 @@ def _window_counts(sizes, kernel, strides, dilations, pads, out, include_pad) ->
     return functools.reduce(np.multiply.outer, per_axis)
 
 
+WINDOW = ("ceil_mode", "dilations", "kernel_shape", "pads", "strides")
+
+
+def _global_window(x) -> dict:
+    """The window attributes under which a windowed pool computes the global one."""
+    rank = x.type.rank - 2
+    return {"ceil_mode": 0, "dilations": [1] * rank, "kernel_shape": list(x.shape[2:]),
+            "pads": [0] * (2 * rank), "strides": [1] * rank}
+
+
 def _window_flops(input_types, output_types, per_tap: int, **attrs) -> int:
     y = output_types[0]
     if not y.is_static:
@@ -135,6 +145,13 @@ class MaxPool(Op):
     def flops(input_types, output_types, **attrs):
         return _window_flops(input_types, output_types, 1, **attrs)
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """dY goes to each window's maximum; MaxPoolGrad finds it again in X (the first maximum,
+        as the forward picks), so the Indices output need not be kept."""
+        window = {k: node.attrs[k] for k in WINDOW}
+        return [g.op("MaxPoolGrad", [grads[0], node.inputs[0]], window)]
+
 
 # ---- AveragePool ---------------------------------------------------------------------------------
 @register
@@ -174,6 +191,13 @@ class AveragePool(Op):
     @staticmethod
     def flops(input_types, output_types, **attrs):
         return _window_flops(input_types, output_types, 1, **attrs)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """Each dY element, divided by its window's count, spreads over the window."""
+        attrs = {k: node.attrs[k] for k in (*WINDOW, "count_include_pad")}
+        return [g.op("AveragePoolGrad", [grads[0]],
+                     {**attrs, "shape": list(node.inputs[0].shape)})]
 
 
 # ---- LpPool --------------------------------------------------------------------------------------
@@ -219,6 +243,12 @@ class LpPool(Op):
     def flops(input_types, output_types, **attrs):
         return _window_flops(input_types, output_types, 2, **attrs)
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """dX = sign(x) |x|^(p-1) / y^(p-1) * dY, summed over the windows x is in."""
+        attrs = {k: node.attrs[k] for k in (*WINDOW, "p")}
+        return [g.op("LpPoolGrad", [grads[0], node.inputs[0]], attrs)]
+
 
 def _lp_exponent(op: str, p) -> int:
     if p is None or int(p) != p or p < 1:
@@ -257,6 +287,12 @@ class GlobalAveragePool(Op):
     def flops(input_types, output_types, **attrs):
         return _global_flops(input_types, output_types)
 
+    @staticmethod
+    def gradient(g, node, grads):
+        x = node.inputs[0]
+        return [g.op("AveragePoolGrad", [grads[0]],
+                     {**_global_window(x), "count_include_pad": 0, "shape": list(x.shape)})]
+
 
 @register
 class GlobalMaxPool(Op):
@@ -274,6 +310,11 @@ class GlobalMaxPool(Op):
     @staticmethod
     def flops(input_types, output_types, **attrs):
         return _global_flops(input_types, output_types)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        x = node.inputs[0]
+        return [g.op("MaxPoolGrad", [grads[0], x], _global_window(x))]
 
 
 @register
@@ -302,6 +343,11 @@ class GlobalLpPool(Op):
     @staticmethod
     def flops(input_types, output_types, **attrs):
         return _global_flops(input_types, output_types, 2)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        x = node.inputs[0]
+        return [g.op("LpPoolGrad", [grads[0], x], {**_global_window(x), "p": node.attrs["p"]})]
 
 
 # ---- MaxUnpool -----------------------------------------------------------------------------------
@@ -370,3 +416,9 @@ class MaxUnpool(Op):
     @staticmethod
     def flops(input_types, output_types, **attrs):
         return 0
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """Each X element was written to one position: dX gathers dY there."""
+        flat = g.reshape(grads[0], [node.outputs[0].type.size])
+        return [g.op("Gather", [flat, node.inputs[1]], {"axis": 0}), None]

@@ -79,3 +79,14 @@ class ReduceMean(Op):
     def flops(input_types, output_types, **attrs):
         # one add per input element, one divide per output element
         return sum(t.size for t in input_types[:1] if t.is_static) + output_types[0].size
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """Each input element gets dY / (the number of elements averaged), broadcast back."""
+        x = node.inputs[0]
+        axes = node.attrs["axes"]
+        axes = range(x.type.rank) if axes is None else axes
+        kept = [1 if i in axes else d for i, d in enumerate(x.shape)]
+        count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+        share = g.scale(g.reshape(grads[0], kept), 1.0 / max(count, 1))
+        return [g.broadcast_to(share, x.shape)]

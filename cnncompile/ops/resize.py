@@ -314,6 +314,13 @@ class Resize(Op):
               **attrs):
         return _resize_flops(input_types, output_types, mode, scales, sizes, antialias)
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """The transpose of the per-axis interpolation (ResizeGrad), for every mode."""
+        x = node.inputs[0]
+        dx = g.op("ResizeGrad", [grads[0]], {**node.attrs, "shape": list(x.shape)})
+        return [dx] + [None] * (len(node.inputs) - 1)
+
 
 @register
 class Upsample(Op):
@@ -352,3 +359,10 @@ class Upsample(Op):
     @staticmethod
     def flops(input_types, output_types, mode="nearest", scales=None, sizes=None):
         return _resize_flops(input_types, output_types, mode, scales, sizes)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        x = node.inputs[0]
+        attrs = {**node.attrs, "coordinate_transformation_mode": "asymmetric",
+                 "nearest_mode": "legacy", "shape": list(x.shape)}
+        return [g.op("ResizeGrad", [grads[0]], attrs)] + [None] * (len(node.inputs) - 1)

@@ -71,6 +71,12 @@ def _same(a, b) -> bool:
     return isinstance(a, str) or isinstance(b, str) or a == b
 
 
+def _reshape_gradient(g, node, grads):
+    """Ops that only relabel the elements: dY reshaped to the input's shape."""
+    x = node.inputs[0]
+    return [g.reshape(grads[0], x.shape)] + [None] * (len(node.inputs) - 1)
+
+
 # ---- Flatten / Reshape / Transpose --------------------------------------------------------------
 @register
 class Flatten(_Movement):
@@ -96,6 +102,8 @@ class Flatten(_Movement):
     @staticmethod
     def reference(x, axis=1):
         return x.reshape(_prod(x.shape[:axis]), _prod(x.shape[axis:]))
+
+    gradient = staticmethod(_reshape_gradient)
 
 
 def _reshape_target(in_shape, shape, allowzero) -> tuple:
@@ -161,6 +169,8 @@ class Reshape(_Movement):
     def reference(data, shape=None, allowzero=0):
         return data.reshape(_reshape_target(data.shape, shape, allowzero))
 
+    gradient = staticmethod(_reshape_gradient)
+
 
 @register
 class Transpose(_Movement):
@@ -187,6 +197,11 @@ class Transpose(_Movement):
     @staticmethod
     def reference(data, perm=None):
         return np.transpose(data, perm)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        inverse = [int(i) for i in np.argsort(node.attrs["perm"])]
+        return [g.op("Transpose", [grads[0]], {"perm": inverse})]
 
 
 # ---- Concat / Split ------------------------------------------------------------------------------
@@ -226,6 +241,16 @@ class Concat(_Movement):
     @staticmethod
     def reference(*arrays, axis=0):
         return np.concatenate(arrays, axis=axis)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """dY split back into the inputs' pieces."""
+        if len(node.inputs) == 1:
+            return [grads[0]]
+        axis = node.attrs["axis"]
+        sizes = [v.shape[axis] for v in node.inputs]
+        return g.op("Split", [grads[0]], {"axis": axis, "split": sizes,
+                                          "num_outputs": len(sizes)}, outputs=len(sizes))
 
 
 @register
@@ -284,6 +309,13 @@ class Split(_Movement):
     def reference(x, axis=0, split=None, num_outputs=None):
         return tuple(np.split(x, np.cumsum(split)[:-1], axis=axis))
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """The parts' gradients concatenated; a part that got none contributes zeros."""
+        parts = [gv if gv is not None else g.zeros(v.type) for gv, v in zip(grads, node.outputs)]
+        dx = parts[0] if len(parts) == 1 else g.op("Concat", parts, {"axis": node.attrs["axis"]})
+        return [dx] + [None] * (len(node.inputs) - 1)
+
 
 # ---- Squeeze / Unsqueeze -----------------------------------------------------------------------
 @register
@@ -322,6 +354,8 @@ class Squeeze(_Movement):
                              f"{list(data.shape)}: not all have size 1")
         return np.squeeze(data, axis=tuple(axes))
 
+    gradient = staticmethod(_reshape_gradient)
+
 
 @register
 class Unsqueeze(_Movement):
@@ -350,6 +384,8 @@ class Unsqueeze(_Movement):
     @staticmethod
     def reference(data, axes=()):
         return np.expand_dims(data, tuple(axes))
+
+    gradient = staticmethod(_reshape_gradient)
 
 
 # ---- Slice / Pad / Expand ----------------------------------------------------------------------
@@ -418,6 +454,13 @@ class Slice(_Movement):
             else:
                 index[axis] = slice(start, end if end >= 0 else None, step)
         return data[tuple(index)]
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """dY written back where the slice read, zeros elsewhere (SliceGrad)."""
+        x = node.inputs[0]
+        dx = g.op("SliceGrad", [grads[0]], {**node.attrs, "shape": list(x.shape)})
+        return [dx] + [None] * (len(node.inputs) - 1)
 
 
 PAD_MODES = ("constant", "reflect", "edge", "wrap")
@@ -493,6 +536,13 @@ class Pad(_Movement):
                           constant_values=np.asarray(value).astype(data.dtype))
         return np.pad(data, width, mode=mode)
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """Each output element's gradient goes back to the input element it copies (PadGrad)."""
+        x = node.inputs[0]
+        attrs = {"pads": node.attrs["pads"], "mode": node.attrs["mode"], "shape": list(x.shape)}
+        return [g.op("PadGrad", [grads[0]], attrs)] + [None] * (len(node.inputs) - 1)
+
 
 @register
 class Expand(_Movement):
@@ -521,6 +571,10 @@ class Expand(_Movement):
     def reference(x, shape=()):
         out = broadcast_shapes(x.shape, tuple(shape))
         return np.array(np.broadcast_to(x, out))
+
+    @staticmethod
+    def gradient(g, node, grads):
+        return [g.sum_to(grads[0], node.inputs[0])] + [None] * (len(node.inputs) - 1)
 
 
 # ---- Gather ------------------------------------------------------------------------------------
@@ -555,6 +609,13 @@ class Gather(_Movement):
                              f"[{-dim}, {dim - 1}] for axis {axis} of data shape "
                              f"{list(data.shape)}")
         return np.take(data, np.where(idx < 0, idx + dim, idx), axis=axis)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """dY added into zeros at the gathered indices (GatherGrad); the indices get none."""
+        data, indices = node.inputs
+        attrs = {"axis": node.attrs["axis"], "shape": list(data.shape)}
+        return [g.op("GatherGrad", [grads[0], indices], attrs), None]
 
 
 # ---- Shape / ConstantOfShape / Range -------------------------------------------------------------
@@ -696,6 +757,11 @@ class DepthToSpace(_Movement):
             y = x.reshape(n, c // (b * b), b, b, h, w).transpose(0, 1, 4, 2, 5, 3)
         return y.reshape(n, c // (b * b), h * b, w * b)
 
+    @staticmethod
+    def gradient(g, node, grads):
+        """A permutation of the elements, undone by SpaceToDepth in the same mode."""
+        return [g.op("SpaceToDepth", [grads[0]], dict(node.attrs))]
+
 
 @register
 class SpaceToDepth(_Movement):
@@ -730,3 +796,8 @@ class SpaceToDepth(_Movement):
         y = x.reshape(n, c, h // b, b, w // b, b)
         y = y.transpose(0, 3, 5, 1, 2, 4) if mode == "DCR" else y.transpose(0, 1, 3, 5, 2, 4)
         return y.reshape(n, c * b * b, h // b, w // b)
+
+    @staticmethod
+    def gradient(g, node, grads):
+        """A permutation of the elements, undone by DepthToSpace in the same mode."""
+        return [g.op("DepthToSpace", [grads[0]], dict(node.attrs))]

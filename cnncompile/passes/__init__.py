@@ -13,6 +13,7 @@ from ..ir.verifier import verify
 from .manager import (PASSES, PIPELINES, PassError, PassManager, PassRecord, list_passes, note,
                       pipeline, register_pass)
 from . import canonicalize, cleanup, fusion, layout, lowering, memory  # noqa: F401  (registers)
+from . import autotune  # noqa: F401  (registers; it builds on lowering)
 
 
 def run_pipeline(graph: Graph, opt_level: int = 2, disabled_passes: Iterable[str] = (),

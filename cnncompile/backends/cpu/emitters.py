@@ -103,3 +103,7 @@ def emit_concat(node: Node, cg: Codegen):
     skip = sorted(node.annotations.get("elided_inputs", ()))
     cg.line(f"{concat}({dest}, [{args}], axis={node.attrs['axis']}, skip={skip!r})")
     return None
+
+
+from . import op_emitters  # noqa: F401,E402  (registers the per-op emitters)
+from . import conv_emitters  # noqa: F401

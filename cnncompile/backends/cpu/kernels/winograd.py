@@ -1,0 +1,355 @@
+"""Winograd F(2x2,3x3) and F(4x4,3x3) convolution (2-D, stride 1, dilation 1, group 1).
+
+The math is ``cnncompile/ops/winograd.py``'s (Lavin & Gray): Y = A^T [U * (B^T d B)] A per
+m x m output tile. The filter transform U is done at compile time (``transform_weights``, float64,
+laid out [alpha^2, K, C] for the GEMM). Per call, for a block of images:
+
+1. ``input_f2`` / ``input_f4``: V[alpha^2, C, tiles] = B^T d B. Per channel, each input row
+   gets its pads (partial edge tiles read zeros) and the transform along x; the pass along y then
+   runs as long flat loops over all tiles;
+2. one batched GEMM through NumPy's BLAS: M[alpha^2, K, tiles] = U @ V;
+3. ``output_f2`` / ``output_f4``: Y = A^T M A on blocks of output channels (flat loops again),
+   interleaved back into the output rows, cropped at the edges, with the epilogue (bias,
+   activation, residual, post activation) while the plane is in cache.
+
+Flat loops matter: Numba's loops over a 7..14-tile row barely vectorise, and every call that
+passes arrays to a function Numba does not inline costs reference counting; both were measured.
+
+Measured float32 error (relative L2 against a float64 convolution, ResNet layer shapes with
+He-scaled weights, benchmarks/conv_kernels.py): F(2x2) 2.6e-7 .. 5.0e-7, as accurate as im2col
+(3.0e-7 .. 3.6e-7); F(4x4) 1.7e-6 .. 2.9e-6, its matrices holding 4, 5 and 8. Both are far
+inside the 1e-4 the CPU target is held to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ....ops.winograd import transform_filter
+from .conv import NO_ACT, NO_BIAS, Target, contiguous, epilogue_args
+from .epilogue import RELU, activation_row
+
+_EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
+#: an image with at least this many tiles is transformed and multiplied on its own...
+ALONE_TILES = 48
+#: ...smaller ones in blocks of about this many tiles
+BLOCK_TILES = 128
+
+
+def transform_weights(w: np.ndarray, m: int) -> np.ndarray:
+    """U = G g G^T for K x C x 3 x 3 weights, as a contiguous [alpha^2, K, C] float32 array."""
+    u = transform_filter(np.asarray(w, dtype=np.float64), m)  # K, C, alpha, alpha
+    k_out, channels, alpha = u.shape[0], u.shape[1], u.shape[2]
+    u = u.reshape(k_out, channels, alpha * alpha).transpose(2, 0, 1)
+    return np.ascontiguousarray(u, dtype=np.float32)
+
+
+def tiles(out_h: int, out_w: int, m: int) -> tuple[int, int]:
+    return -(-out_h // m), -(-out_w // m)
+
+
+def block_images(n_batch: int, channels: int, k_out: int, out_h: int, out_w: int, m: int) -> int:
+    """Images per block. Images with many tiles go one at a time (V and M stay in cache); small
+    ones are grouped up to ~BLOCK_TILES tiles, so that the GEMMs have enough columns. Measured
+    single-threaded at batch 8: 56x56 and 28x28 layers are fastest one image at a time, 14x14
+    and 7x7 ones with the whole batch (10-25% either way)."""
+    th, tw = tiles(out_h, out_w, m)
+    per_image = th * tw
+    if per_image >= ALONE_TILES:
+        return 1
+    return max(1, min(n_batch, -(-BLOCK_TILES // per_image)))
+
+
+def scratch_size(n_batch: int, channels: int, k_out: int, out_h: int, out_w: int, m: int) -> int:
+    """float32 elements of scratch for ``conv_winograd`` (V and M of one block)."""
+    th, tw = tiles(out_h, out_w, m)
+    nb = block_images(n_batch, channels, k_out, out_h, out_w, m)
+    return (m + 2) ** 2 * (channels + k_out) * nb * th * tw
+
+
+@njit(inline="always", cache=True)
+def _padded_row(row, x, n, c, iy, left):
+    """row = the input row iy with its left pad and zeros after it."""
+    width = x.shape[3]
+    stop = min(row.shape[0], left + width)
+    for i in range(left):
+        row[i] = 0
+    src = x[n, c, iy]
+    inner = row[left:stop]
+    for i in range(stop - left):
+        inner[i] = src[i]
+    for i in range(stop, row.shape[0]):
+        row[i] = 0
+
+
+@njit(parallel=True, cache=True)
+def input_f4(x, v, th, tw, top, left):
+    """V[36, C, nb * th * tw] = B^T d B for F(4x4,3x3) of x (nb, C, H, W) with its pads.
+
+    Per channel: first along x for every padded input row (the strided, per-row part), written
+    with rows split by phase (y = 4 qy + ry) so that the pass along y is one long flat loop per
+    output column j over all tiles at once."""
+    nb, channels, height = x.shape[0], x.shape[1], x.shape[2]
+    hq = th + 1
+    count = th * tw
+    four, five = np.float32(4), np.float32(5)
+    two = np.float32(2)
+    for job in prange(nb * channels):
+        n = job // channels
+        c = job % channels
+        row = np.empty(4 * tw + 2, np.float32)
+        u = np.empty((6, 4, hq, tw), np.float32)
+        for y in range(4 * hq):
+            ry = y % 4
+            qy = y // 4
+            u0, u1, u2 = u[0, ry, qy], u[1, ry, qy], u[2, ry, qy]
+            u3, u4, u5 = u[3, ry, qy], u[4, ry, qy], u[5, ry, qy]
+            iy = y - top
+            if iy < 0 or iy >= height:
+                for tx in range(tw):
+                    u0[tx] = u1[tx] = u2[tx] = u3[tx] = u4[tx] = u5[tx] = 0
+                continue
+            _padded_row(row, x, n, c, iy, left)
+            for tx in range(tw):
+                q = 4 * tx
+                e0, e1, e2, e3, e4, e5 = (row[q], row[q + 1], row[q + 2], row[q + 3],
+                                          row[q + 4], row[q + 5])
+                u0[tx] = four * e0 - five * e2 + e4
+                u1[tx] = -four * (e1 + e2) + e3 + e4
+                u2[tx] = four * (e1 - e2) - e3 + e4
+                u3[tx] = two * (e3 - e1) - e2 + e4
+                u4[tx] = two * (e1 - e3) - e2 + e4
+                u5[tx] = four * e1 - five * e3 + e5
+        base = n * count
+        for j in range(6):
+            p0, p1 = u[j, 0].reshape(-1), u[j, 1].reshape(-1)
+            p2, p3 = u[j, 2].reshape(-1), u[j, 3].reshape(-1)
+            d0, d1, d2, d3 = p0[:count], p1[:count], p2[:count], p3[:count]
+            d4, d5 = p0[tw:tw + count], p1[tw:tw + count]
+            v0, v1 = v[j, c, base:base + count], v[6 + j, c, base:base + count]
+            v2, v3 = v[12 + j, c, base:base + count], v[18 + j, c, base:base + count]
+            v4, v5 = v[24 + j, c, base:base + count], v[30 + j, c, base:base + count]
+            for t in range(count):
+                a0, a1, a2, a3, a4, a5 = d0[t], d1[t], d2[t], d3[t], d4[t], d5[t]
+                v0[t] = four * a0 - five * a2 + a4
+                v1[t] = -four * (a1 + a2) + a3 + a4
+                v2[t] = four * (a1 - a2) - a3 + a4
+                v3[t] = two * (a3 - a1) - a2 + a4
+                v4[t] = two * (a1 - a3) - a2 + a4
+                v5[t] = four * a1 - five * a3 + a5
+
+
+@njit(parallel=True, cache=True)
+def input_f2(x, v, th, tw, top, left):
+    """V[16, C, nb * th * tw] = B^T d B for F(2x2,3x3); organised as input_f4."""
+    nb, channels, height = x.shape[0], x.shape[1], x.shape[2]
+    hq = th + 1
+    count = th * tw
+    for job in prange(nb * channels):
+        n = job // channels
+        c = job % channels
+        row = np.empty(2 * tw + 2, np.float32)
+        u = np.empty((4, 2, hq, tw), np.float32)
+        for y in range(2 * hq):
+            ry = y % 2
+            qy = y // 2
+            u0, u1, u2, u3 = u[0, ry, qy], u[1, ry, qy], u[2, ry, qy], u[3, ry, qy]
+            iy = y - top
+            if iy < 0 or iy >= height:
+                for tx in range(tw):
+                    u0[tx] = u1[tx] = u2[tx] = u3[tx] = 0
+                continue
+            _padded_row(row, x, n, c, iy, left)
+            for tx in range(tw):
+                q = 2 * tx
+                e0, e1, e2, e3 = row[q], row[q + 1], row[q + 2], row[q + 3]
+                u0[tx] = e0 - e2
+                u1[tx] = e1 + e2
+                u2[tx] = e2 - e1
+                u3[tx] = e1 - e3
+        base = n * count
+        for j in range(4):
+            p0, p1 = u[j, 0].reshape(-1), u[j, 1].reshape(-1)
+            d0, d1, d2, d3 = p0[:count], p1[:count], p0[tw:tw + count], p1[tw:tw + count]
+            v0, v1 = v[j, c, base:base + count], v[4 + j, c, base:base + count]
+            v2, v3 = v[8 + j, c, base:base + count], v[12 + j, c, base:base + count]
+            for t in range(count):
+                a0, a1, a2, a3 = d0[t], d1[t], d2[t], d3[t]
+                v0[t] = a0 - a2
+                v1[t] = a1 + a2
+                v2[t] = a2 - a1
+                v3[t] = a1 - a3
+
+
+@njit(inline="always", cache=True)
+def _interleave(dst, row, q0, q1, q2, q3, phases, b, relu):
+    """dst = row + b (relu'd when asked), row[phases * tx + c] = q_c[tx]: a tile row put back
+    together. Interleaving into a private buffer first measured 2x faster than writing the
+    output view directly."""
+    full = -(-dst.shape[0] // phases)
+    if phases == 4:
+        for tx in range(full):
+            row[4 * tx] = q0[tx]
+            row[4 * tx + 1] = q1[tx]
+            row[4 * tx + 2] = q2[tx]
+            row[4 * tx + 3] = q3[tx]
+    else:
+        for tx in range(full):
+            row[2 * tx] = q0[tx]
+            row[2 * tx + 1] = q1[tx]
+    zero = np.float32(0)
+    if relu:
+        for i in range(dst.shape[0]):
+            v = row[i] + b
+            dst[i] = v if v > zero else zero
+    else:
+        for i in range(dst.shape[0]):
+            dst[i] = row[i] + b
+
+
+@njit(inline="always", cache=True)
+def _plane_epilogue(plane, code, params, res, has_res, post_code, post_params):
+    """The rest of the epilogue on one output plane (flattened): called once per plane, since a
+    call per row (arrays passed to a function Numba does not inline) costs more than the row."""
+    if code != RELU:
+        activation_row(plane, code, params)
+    if has_res:
+        for i in range(plane.shape[0]):
+            plane[i] += res[i]
+        activation_row(plane, post_code, post_params)
+
+
+@njit(parallel=True, cache=True)
+def output_f4(mm, out, bias, th, tw, kb, code, params, res, post_code, post_params):
+    """out (nb, K, OH, OW) = epilogue(A^T M A) for F(4x4,3x3); mm (36, K, nb * th * tw).
+
+    Jobs are blocks of kb output channels: M[p, k0:k1, :] is contiguous, so both passes of the
+    transform run as long flat loops (short per-tile-row loops would not vectorise); the result,
+    one array per position in the tile, is interleaved into the output rows with the epilogue."""
+    nb, k_out, out_h, out_w = out.shape
+    count = mm.shape[2]
+    flat = mm.reshape(36, k_out * count)
+    has_bias = bias.shape[0] != 0
+    has_res = res.shape[0] != 0
+    two, four, eight = np.float32(2), np.float32(4), np.float32(8)
+    for job in prange((k_out + kb - 1) // kb):
+        k0 = job * kb
+        k1 = min(k_out, k0 + kb)
+        lo = k0 * count
+        hi = k1 * count
+        s = np.empty((4, 6, hi - lo), np.float32)
+        yq = np.empty((4, 4, hi - lo), np.float32)
+        row = np.empty(4 * tw, np.float32)
+        for col in range(6):
+            m0, m1, m2 = flat[col, lo:hi], flat[6 + col, lo:hi], flat[12 + col, lo:hi]
+            m3, m4, m5 = flat[18 + col, lo:hi], flat[24 + col, lo:hi], flat[30 + col, lo:hi]
+            s0, s1, s2, s3 = s[0, col], s[1, col], s[2, col], s[3, col]
+            for j in range(hi - lo):
+                a0, a1, a2, a3, a4, a5 = m0[j], m1[j], m2[j], m3[j], m4[j], m5[j]
+                s0[j] = a0 + a1 + a2 + a3 + a4
+                s1[j] = a1 - a2 + two * (a3 - a4)
+                s2[j] = a1 + a2 + four * (a3 + a4)
+                s3[j] = a1 - a2 + eight * (a3 - a4) + a5
+        for r in range(4):
+            b0, b1, b2, b3, b4, b5 = s[r, 0], s[r, 1], s[r, 2], s[r, 3], s[r, 4], s[r, 5]
+            y0, y1, y2, y3 = yq[r, 0], yq[r, 1], yq[r, 2], yq[r, 3]
+            for j in range(hi - lo):
+                c0, c1, c2, c3, c4, c5 = b0[j], b1[j], b2[j], b3[j], b4[j], b5[j]
+                y0[j] = c0 + c1 + c2 + c3 + c4
+                y1[j] = c1 - c2 + two * (c3 - c4)
+                y2[j] = c1 + c2 + four * (c3 + c4)
+                y3[j] = c1 - c2 + eight * (c3 - c4) + c5
+        for k in range(k0, k1):
+            bk = bias[k] if has_bias else np.float32(0)
+            for n in range(nb):
+                for y in range(out_h):
+                    r = y % 4
+                    at = (k - k0) * count + (n * th + y // 4) * tw
+                    _interleave(out[n, k, y], row, yq[r, 0, at:at + tw], yq[r, 1, at:at + tw],
+                                yq[r, 2, at:at + tw], yq[r, 3, at:at + tw], 4, bk, code == RELU)
+                plane = out[n, k].reshape(-1)
+                _plane_epilogue(plane, code, params, res[n, k].reshape(-1) if has_res else plane,
+                                has_res, post_code, post_params)
+
+
+@njit(parallel=True, cache=True)
+def output_f2(mm, out, bias, th, tw, kb, code, params, res, post_code, post_params):
+    """out (nb, K, OH, OW) = epilogue(A^T M A) for F(2x2,3x3); mm (16, K, nb * th * tw);
+    organised as output_f4."""
+    nb, k_out, out_h, out_w = out.shape
+    count = mm.shape[2]
+    flat = mm.reshape(16, k_out * count)
+    has_bias = bias.shape[0] != 0
+    has_res = res.shape[0] != 0
+    for job in prange((k_out + kb - 1) // kb):
+        k0 = job * kb
+        k1 = min(k_out, k0 + kb)
+        lo = k0 * count
+        hi = k1 * count
+        s = np.empty((2, 4, hi - lo), np.float32)
+        yq = np.empty((2, 2, hi - lo), np.float32)
+        row = np.empty(2 * tw, np.float32)
+        for col in range(4):
+            m0, m1 = flat[col, lo:hi], flat[4 + col, lo:hi]
+            m2, m3 = flat[8 + col, lo:hi], flat[12 + col, lo:hi]
+            s0, s1 = s[0, col], s[1, col]
+            for j in range(hi - lo):
+                a1, a2 = m1[j], m2[j]
+                s0[j] = m0[j] + a1 + a2
+                s1[j] = a1 - a2 - m3[j]
+        for r in range(2):
+            b0, b1, b2, b3 = s[r, 0], s[r, 1], s[r, 2], s[r, 3]
+            y0, y1 = yq[r, 0], yq[r, 1]
+            for j in range(hi - lo):
+                c1, c2 = b1[j], b2[j]
+                y0[j] = b0[j] + c1 + c2
+                y1[j] = c1 - c2 - b3[j]
+        for k in range(k0, k1):
+            bk = bias[k] if has_bias else np.float32(0)
+            for n in range(nb):
+                for y in range(out_h):
+                    r = y % 2
+                    at = (k - k0) * count + (n * th + y // 2) * tw
+                    q0, q1 = yq[r, 0, at:at + tw], yq[r, 1, at:at + tw]
+                    _interleave(out[n, k, y], row, q0, q1, q1, q1, 2, bk, code == RELU)
+                plane = out[n, k].reshape(-1)
+                _plane_epilogue(plane, code, params, res[n, k].reshape(-1) if has_res else plane,
+                                has_res, post_code, post_params)
+
+
+def channel_block(k_out: int, count: int) -> int:
+    """Output channels per output-transform job: loops of >= ~512 tiles, >= 4 jobs."""
+    return max(1, min(-(-512 // max(count, 1)), -(-k_out // 4)))
+
+
+def conv_winograd(x, u, bias, out, ws, m, pads, act=NO_ACT, residual=None, post=NO_ACT):
+    """Winograd F(m x m, 3x3) of x (N, C, H, W) with u = transform_weights(w, m) into out
+    (N, K, OH, OW); pads (top, left, bottom, right) as ONNX orders them: (top, left, ...)."""
+    n_batch, channels, height, width = x.shape
+    k_out, out_h, out_w = out.shape[1], out.shape[2], out.shape[3]
+    alpha = m + 2
+    th, tw = tiles(out_h, out_w, m)
+    code, params = epilogue_args(act)
+    post_code, post_params = epilogue_args(post)
+    bias = NO_BIAS if bias is None else bias
+    step = block_images(n_batch, channels, k_out, out_h, out_w, m)
+    if not out.flags.c_contiguous:
+        step = 1
+    forward, backward = (input_f4, output_f4) if m == 4 else (input_f2, output_f2)
+    for n0 in range(0, n_batch, step):
+        n1 = min(n_batch, n0 + step)
+        nb = n1 - n0
+        count = nb * th * tw
+        rest = ws
+        v = rest[:alpha * alpha * channels * count].reshape(alpha * alpha, channels, count)
+        mm = rest[v.size:v.size + alpha * alpha * k_out * count].reshape(alpha * alpha, k_out,
+                                                                          count)
+        forward(contiguous(x[n0:n1]), v, th, tw, pads[0], pads[1])
+        np.matmul(u, v, out=mm)
+        target = Target(out, n0, n1)
+        res = _EMPTY4 if residual is None else contiguous(residual[n0:n1])
+        backward(mm, target.array, bias, th, tw, channel_block(k_out, count), code, params, res,
+                 post_code, post_params)
+        target.done()
+    return out
