@@ -8,7 +8,6 @@ from onnx import helper
 
 import cnncompile
 from cnncompile import tuning
-from cnncompile.backends.cpu.backend import single_node_graph
 from cnncompile.passes import PASSES, pipeline
 from cnncompile.passes import autotune as autotune_module
 from cnncompile.passes.lowering import ConvProblem
@@ -249,7 +248,7 @@ def test_errors_are_measured_against_the_reference():
     table = autotune_module.tune_node(mod.graph, node, ["im2col_gemm", "direct"])
     for row in table.values():
         assert row["ms"] > 0 and 0 <= row["rel_err"] < 1e-5
-    g = single_node_graph(mod.graph, node, {"algorithm": "direct"})
+    g = autotune_module.single_node_graph(mod.graph, node, {"algorithm": "direct"})
     assert [n.annotations["algorithm"] for n in g.nodes] == ["direct"]
     assert [v.name for v in g.inputs] == [node.inputs[0].name]
     assert rel_l2(g.constants[node.inputs[1].name].data, node.inputs[1].data) == 0

@@ -50,6 +50,31 @@ def candidates(problem: ConvProblem) -> list[str]:
     return found
 
 
+def single_node_graph(graph: Graph, node: Node, annotations: dict | None = None) -> Graph:
+    """``node`` alone, as a graph the backend compiles by itself: its computed inputs become graph
+    inputs, its constants stay constants (with any constant its annotations name, such as a
+    pre-packed weight); ``annotations`` override the node's."""
+    g = Graph(f"single_{node.name or node.op}", graph.opset)
+    mapping = {}
+    for value in node.inputs:
+        if value is None or id(value) in mapping:
+            continue
+        if value.is_constant:
+            mapping[id(value)] = g.add_constant(value.name, value.data)
+        else:
+            mapping[id(value)] = g.add_input(value.name, value.type)
+    for name in node.annotations.values():
+        if isinstance(name, str) and name in graph.constants and name not in g.constants:
+            g.add_constant(name, graph.constants[name].data)
+    outputs = [g.new_value(v.name, v.type) for v in node.outputs]
+    g.add_node(Node(node.op, [mapping[id(v)] if v is not None else None for v in node.inputs],
+                    outputs, dict(node.attrs), node.name, node.origins, node.created_by,
+                    node.domain, {**node.annotations, **(annotations or {})}))
+    g.outputs = outputs
+    g.meta = {k: v for k, v in graph.meta.items() if k != "memory_plan"}
+    return g
+
+
 def measure(graphs: dict[str, Graph], feeds: list[np.ndarray]) -> dict[str, dict]:
     """Compile and time each candidate's module: {algorithm: {"ms", "outputs"}} or
     {algorithm: {"error"}} when it cannot be built or run. Candidates take turns in two rounds
@@ -94,8 +119,6 @@ def measure(graphs: dict[str, Graph], feeds: list[np.ndarray]) -> dict[str, dict
 def tune_node(graph: Graph, node: Node, algorithms: list[str]) -> dict[str, dict]:
     """{algorithm: {"ms": median ms or None, "rel_err": error or None[, "error": why]}}."""
     from ..backends.reference import ReferenceExecutor
-
-    from ..backends.cpu.backend import single_node_graph
 
     graphs = {a: single_node_graph(graph, node, {"algorithm": a}) for a in algorithms}
     reference_graph = next(iter(graphs.values()))
