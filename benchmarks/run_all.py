@@ -78,10 +78,19 @@ def load_range(results: dict) -> str:
     return f"{min(loads):.1f} .. {max(loads):.1f}" if loads else "unknown"
 
 
+def load_note(results: dict) -> str:
+    loads = [row.get("load_average") or 0.0 for row in results["rows"]]
+    if max(loads, default=0.0) > (results["machine"]["cores"] or 1):
+        return "above the core count other work shared the machine: noisy, slower numbers"
+    return "the benchmark's own threads count; nothing else competed for long"
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     g = results["git"]
-    state = f"`{g['commit']}`" + (f" + uncommitted changes in {len(g['dirty_files'])} files"
+    dirty = g["dirty_files"]
+    listed = f" ({', '.join(dirty)})" if len(dirty) <= 5 else ""
+    state = f"`{g['commit']}`" + (f" + uncommitted changes in {len(dirty)} files{listed}"
                                   if g["dirty"] else " (clean tree)")
     check = results["self_check"]
     lines = [f"Measured {results['date']} by `{results['command']}` (took "
@@ -92,8 +101,7 @@ def markdown(results: dict) -> str:
              "fastest of 5)",
              f"- kernel state: {state}",
              f"- load: 1-minute load average {load_range(results)} on {m['cores']} cores while "
-             "measuring (other work shared the machine; above the core count the numbers are "
-             "noisy and slow)",
+             f"measuring ({load_note(results)})",
              f"- timing: {results['runs']} timed runs per engine at most ({results['budget_s']:g}"
              f" s each at most, 5 at least) in {results['blocks']} alternating blocks, "
              f"{results['warmup']} warm-up calls per block; {results['threads']} threads for "

@@ -938,7 +938,7 @@ def format_kernel_lab(lab: dict) -> str:
             notes.append(f"  {row['algorithm']}: {row['status']}: {row['reason']}")
             continue
         rows.append([name, row["impl"], fmt(row["median_ms"], ".3f"), fmt(row["spread"], ".2f"),
-                     fmt(row["gflops_per_s"], ".1f"), fmt(row["pct_ceiling"], ".1f"),
+                     fmt(row["gflops_per_s"], ".4g"), fmt(row["pct_ceiling"], ".1f"),
                      f"{row['rel_l2']:.2e}"])
     lines += table(rows, numeric_from=2, indent=0)
     lines.append("* the algorithm opt-level 2 chooses; impl: the kernel that ran it (an emitter "
