@@ -278,27 +278,12 @@ def load_bench_model(model, image_size: int | None = None):
     return load_model(model)
 
 
-def declared_inputs(proto) -> dict[str, tuple | None]:
-    """Graph input name -> declared dims (None for a dynamic axis); None when no shape given."""
-    initializers = {init.name for init in proto.graph.initializer}
-    result = {}
-    for vi in proto.graph.input:
-        if vi.name in initializers:
-            continue
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            result[vi.name] = None
-            continue
-        result[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0
-                                else None for d in tt.shape.dim)
-    return result
-
-
 def resolve_shapes(proto, shapes: Mapping[str, Sequence[int]] | None,
                    batch: int | None) -> dict[str, tuple]:
     """Static input shapes: ``shapes`` first, then ``batch`` (default 1) for a dynamic leading
     axis."""
     shapes = dict(shapes or {})
+    from .frontend.onnx_import import declared_inputs
     declared = declared_inputs(proto)
     unknown = [name for name in shapes if name not in declared]
     if unknown:

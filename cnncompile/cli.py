@@ -314,7 +314,8 @@ def cmd_run(args) -> int:
     output = _output_path(args.output) if args.output else None
 
     proto = load_model(args.model)
-    declared = _declared_inputs(proto)
+    from .frontend.onnx_import import declared_inputs
+    declared = declared_inputs(proto)
     for name, array in arrays.items():
         if name not in declared:
             raise InputError(f"--input {name}=...: '{name}' is not an input of the model; its "
@@ -402,22 +403,6 @@ def _output_path(path: str) -> str:
     if not os.path.isdir(folder):
         raise UsageError(f"--output {path}: the folder {folder} does not exist")
     return path
-
-
-def _declared_inputs(proto) -> dict[str, tuple | None]:
-    """Graph input name -> declared dims (None for a dynamic axis), or None if no shape is given."""
-    initializers = {init.name for init in proto.graph.initializer}
-    result = {}
-    for vi in proto.graph.input:
-        if vi.name in initializers:
-            continue
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            result[vi.name] = None
-            continue
-        result[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0
-                                else None for d in tt.shape.dim)
-    return result
 
 
 def _fits(dims: tuple, shape: tuple) -> bool:

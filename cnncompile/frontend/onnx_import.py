@@ -131,6 +131,22 @@ def lifted_value(array: np.ndarray):
     return array
 
 
+def declared_inputs(proto) -> dict[str, tuple | None]:
+    """Graph input name -> declared dims (None for a dynamic axis); None when no shape is given."""
+    initializers = {init.name for init in proto.graph.initializer}
+    result = {}
+    for vi in proto.graph.input:
+        if vi.name in initializers:
+            continue
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            result[vi.name] = None
+            continue
+        result[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0
+                                else None for d in tt.shape.dim)
+    return result
+
+
 def default_opset(proto: onnx.ModelProto) -> int:
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
