@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import warnings
 
-import onnx.backend.test
 import pytest
 
 import test_onnx_conformance as base
@@ -32,24 +31,10 @@ class CpuTargetBackend(CnnCompileBackend):
         return super().prepare(model, device, **kwargs)
 
 
-def _build_test_cases(chosen: dict[str, set[str]]) -> dict[str, type]:
-    runner = onnx.backend.test.BackendTest(CpuTargetBackend, __name__)
-    for pattern in {**base.EXCLUDED, **CPU_EXCLUDED}:
-        runner.xfail(pattern)
-    cases = {}
-    for class_name, case in runner.test_cases.items():
-        keep = chosen.get(class_name.removeprefix("OnnxBackend").removesuffix("Test"), set())
-        for name in [n for n in vars(case) if n.startswith("test_")]:
-            if name not in keep:
-                delattr(case, name)
-        if keep:
-            cases[class_name] = case
-    return cases
-
-
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
-    globals().update(_build_test_cases(base.SELECTED))
+    globals().update(base.build_test_cases(base.SELECTED, CpuTargetBackend, __name__,
+                                           {**base.EXCLUDED, **CPU_EXCLUDED}))
 
 
 class _PassCount:

@@ -90,9 +90,12 @@ def selected_tests() -> dict[str, set[str]]:
     return chosen
 
 
-def _build_test_cases(chosen: dict[str, set[str]]) -> dict[str, type]:
-    runner = onnx.backend.test.BackendTest(CnnCompileBackend, __name__)
-    for pattern in EXCLUDED:
+def build_test_cases(chosen: dict[str, set[str]], backend=CnnCompileBackend,
+                     module: str = __name__, excluded: dict[str, str] = EXCLUDED) -> dict[str, type]:
+    """onnx's BackendTest cases for ``backend``, keeping only the selected tests; the excluded
+    ones become strict xfails."""
+    runner = onnx.backend.test.BackendTest(backend, module)
+    for pattern in excluded:
         runner.xfail(pattern)
     cases = {}
     # test_cases wraps the test functions on every access: read it once.
@@ -118,7 +121,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     SELECTED = selected_tests()
     _check_exclusions_match(SELECTED)
-    globals().update(_build_test_cases(SELECTED))
+    globals().update(build_test_cases(SELECTED))
 
 
 def test_exclusions_stay_under_five_percent():
