@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
@@ -112,26 +113,34 @@ def markdown(results: dict) -> str:
              f"{check['block_ratio_max']:.2f}; p90/median {check['a']['spread']:.2f} and "
              f"{check['b']['spread']:.2f}.", "",
              "| model | input | GFLOP | cnncompile ms | onnxruntime ms | cnncompile / ORT | "
-             "compile cold / warm s | NumPy-ref nodes | where the time goes (worst layers vs "
-             "GEMM ceiling) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "PyTorch eager ms | cnncompile / PyTorch | compile cold / warm s | NumPy-ref nodes | "
+             "where the time goes (worst layers vs GEMM ceiling) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in results["rows"]:
         ours, theirs = row["engines"]["cnncompile"], row["engines"]["onnxruntime"]
         ratio = row["ratios"]["onnxruntime"]["latency_ratio"]
         verdict = f"**{ratio:.2f}**" if ratio <= 1 else f"{ratio:.2f}"
+        torch_ms, torch_ratio = "-", row.get("skipped", {}).get("torch", "-")[:60]
+        if "torch" in row["engines"]:
+            torch_ms = f"{row['engines']['torch']['median_ms']:.1f}"
+            value = row["ratios"]["torch"]["latency_ratio"]
+            torch_ratio = f"**{value:.2f}**" if value <= 1 else f"{value:.2f}"
         ct = row["compile"]
         lines.append(
             f"| {row['model']} | {row['batch']}x{row['image_size']}x{row['image_size']} | "
             f"{row['gflop']:.2f} | {ours['median_ms']:.1f} (p90 {ours['p90_ms']:.1f}) | "
             f"{theirs['median_ms']:.1f} (p90 {theirs['p90_ms']:.1f}) | {verdict} | "
+            f"{torch_ms} | {torch_ratio} | "
             f"{ct['cold']['compile_with_jit_s']:.1f} / {ct['warm']['compile_with_jit_s']:.1f} | "
             f"{row['reference_nodes']}/{row['nodes']} | {why_behind(row)} |")
     for row in results["failed"]:
         lines.append(f"| {row['model']} | {row['batch']}x{row['image_size']}x{row['image_size']} "
-                     f"| | failed | | | | | {row['error'][:200]} |")
+                     f"| | failed | | | | | | | {row['error'][:200]} |")
     cold_import = max((r["compile"]["cold"]["import_s"] for r in results["rows"]), default=0.0)
     lines += ["", "cnncompile / ORT is the ratio of median latencies: below 1 cnncompile is "
-              "faster. Compile times are `cnncompile.compile` plus the first call's extra time "
+              "faster; cnncompile / PyTorch likewise, against PyTorch eager (one "
+              "torch.nn.functional call per node of the imported graph, `inference_mode`, "
+              "cnncompile/backends/torch_eager.py), timed in the same alternating blocks. Compile times are `cnncompile.compile` plus the first call's extra time "
               "over a steady call (zero once the backend compiles its kernels at compile time), "
               f"without importing cnncompile (at most {cold_import:.1f} s cold).", ""]
     lines.append("Worst layers per model and batch (time beyond what the GEMM ceiling needs for "
@@ -180,6 +189,9 @@ def main() -> None:
     import onnxruntime
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    compare = ["onnxruntime"]
+    if importlib.util.find_spec("torch") is not None:
+        compare.append("torch")
     batches = [int(b) for b in args.batches.split(",")]
     started = time.time()
 
@@ -205,7 +217,7 @@ def main() -> None:
             try:
                 compile = compile_times(name, batch, size)
                 log(f"{name} batch {batch}: timing")
-                report = bench.bench_model(proto, batches=[batch], compare=["onnxruntime"],
+                report = bench.bench_model(proto, batches=[batch], compare=compare,
                                            per_layer=True, runs=args.runs, warmup=args.warmup,
                                            blocks=args.blocks, threads=args.threads,
                                            budget_s=args.budget, model_name=name)
@@ -220,7 +232,9 @@ def main() -> None:
             ratio = entry["ratios"]["onnxruntime"]["latency_ratio"]
             log(f"{name} batch {batch}: cnncompile "
                 f"{entry['engines']['cnncompile']['median_ms']:.1f} ms, onnxruntime "
-                f"{entry['engines']['onnxruntime']['median_ms']:.1f} ms, ratio {ratio:.2f}")
+                f"{entry['engines']['onnxruntime']['median_ms']:.1f} ms, ratio {ratio:.2f}"
+                + (f", PyTorch {entry['engines']['torch']['median_ms']:.1f} ms"
+                   if "torch" in entry["engines"] else ""))
     results["peak_rss_bytes"] = bench.peak_rss_bytes()
     results["seconds"] = time.time() - started
     os.makedirs(args.out, exist_ok=True)

@@ -224,21 +224,33 @@ def ort_session(model, threads: int):
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def torch_engine(path: str | None, feeds: list[np.ndarray], threads: int):
-    """(callable, None) for a TorchScript model, or (None, why it is skipped)."""
+def torch_engine(path: str | None, feeds: list[np.ndarray], threads: int, proto=None,
+                 shapes: Mapping[str, Sequence[int]] | None = None):
+    """(callable, None) for PyTorch, or (None, why it is skipped). With ``path``, a TorchScript
+    file of the same network; without, PyTorch eager over the imported graph (one
+    torch.nn.functional call per node, ``backends/torch_eager.py``)."""
     try:
         import torch
     except ImportError:
         return None, "PyTorch is not installed"
-    if not path:
-        return None, ("no PyTorch model given (--torch-model FILE.pt, a TorchScript file of the "
-                      "same network)")
-    try:
-        model = torch.jit.load(path).eval()
-    except Exception as exc:
-        raise UserError(f"--torch-model {path}: cannot load it as TorchScript ({exc})") from None
     torch.set_num_threads(threads)
     tensors = [torch.from_numpy(x) for x in feeds]
+    if path:
+        try:
+            model = torch.jit.load(path).eval()
+        except Exception as exc:
+            raise UserError(f"--torch-model {path}: cannot load it as TorchScript ({exc})") \
+                from None
+    else:
+        from . import import_onnx
+        from .backends.torch_eager import TorchEager
+        from .errors import UnsupportedOperatorError
+
+        graph = import_onnx(proto, input_shapes=shapes)
+        try:
+            model = TorchEager(graph, threads)
+        except UnsupportedOperatorError as exc:
+            return None, f"{exc}; give --torch-model FILE.pt (TorchScript) instead"
 
     def call():
         with torch.inference_mode():
@@ -475,7 +487,7 @@ def bench_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None,
             feeds = random_feeds(proto, shapes)
             arrays = [feeds[name] for name in module.input_names]
             entry = _bench_batch(module, proto, feeds, arrays, compare, runs, warmup, blocks,
-                                 threads, torch_model, budget_s, log)
+                                 threads, torch_model, budget_s, log, shapes)
             entry["compile_s"] = compile_s
             entry["input_shapes"] = {k: list(v) for k, v in shapes.items()}
             if per_layer:
@@ -493,7 +505,7 @@ def bench_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None,
 
 
 def _bench_batch(module, proto, feeds, arrays, compare, runs, warmup, blocks, threads,
-                 torch_model, budget_s, log) -> dict:
+                 torch_model, budget_s, log, shapes=None) -> dict:
     from .analysis import node_flops
 
     graph = module.graph
@@ -515,10 +527,13 @@ def _bench_batch(module, proto, feeds, arrays, compare, runs, warmup, blocks, th
                                      if n in outputs), default=0.0)
         engines["onnxruntime"] = lambda: session.run(names, feeds)
     if "torch" in compare:
-        call, why = torch_engine(torch_model, arrays, threads)
+        call, why = torch_engine(torch_model, arrays, threads, proto, shapes)
         if call is None:
             skipped["torch"] = why
         else:
+            theirs = _torch_outputs(call())
+            errors["torch"] = max((rel_l2(outputs[n], t) for n, t in zip(module.output_names,
+                                                                          theirs)), default=0.0)
             engines["torch"] = call
     if budget_s is not None:
         slowest = max(_once(call) for call in engines.values())
@@ -541,6 +556,11 @@ def _bench_batch(module, proto, feeds, arrays, compare, runs, warmup, blocks, th
             entry["ratios"][name] = {"latency_ratio": ours.median / t.median,
                                      "speedup": t.median / ours.median}
     return entry
+
+
+def _torch_outputs(result) -> list[np.ndarray]:
+    items = result if isinstance(result, (list, tuple)) else [result]
+    return [t.detach().numpy() for t in items]
 
 
 def _once(call: Callable[[], object]) -> float:

@@ -800,10 +800,12 @@ def add_bench_parser(commands, debug) -> None:
     bench.add_argument("--image-size", type=positive, metavar="PIXELS",
                        help="image size of a zoo:NAME model (default: the model's own)")
     bench.add_argument("--compare", metavar="ENGINE,...",
-                       help="engines to time beside cnncompile: onnxruntime, torch or none "
-                       "(default: onnxruntime when it is installed)")
+                       help="engines to time beside cnncompile: onnxruntime, torch (PyTorch "
+                       "eager: one torch.nn.functional call per ONNX node) or none (default: "
+                       "onnxruntime when it is installed)")
     bench.add_argument("--torch-model", metavar="FILE.pt",
-                       help="a TorchScript file of the same network, for --compare torch")
+                       help="time this TorchScript file of the same network as the torch engine "
+                       "instead of the eager translation")
     bench.add_argument("--per-layer", action="store_true",
                        help="add the per-layer table (target cpu)")
     bench.add_argument("--top", type=positive, metavar="N",
