@@ -17,10 +17,13 @@ from helpers import make_model, rel_l2
 TOL = 1e-4
 OPSET = 20  # Gelu, Mish and HardSwish are in it
 CONV_OPS = ("Conv", "FusedConv", "ConvTranspose")
-KERNEL_CALL = {"im2col_gemm": "k_conv_im2col(", "grouped": "k_conv_im2col(",
-               "gemm_1x1": "k_conv_gemm_1x1(", "direct": "k_conv_direct(",
-               "depthwise": "k_conv_direct(", "winograd_f2x2_3x3": "k_conv_winograd(",
-               "winograd_f4x4_3x3": "k_conv_winograd(", "transposed": "k_conv_transpose("}
+# the kernels an algorithm may run as (one input channel per group runs the depthwise kernel)
+KERNEL_CALL = {"im2col_gemm": ("k_conv_im2col(",), "grouped": ("k_conv_im2col(",),
+               "gemm_1x1": ("k_conv_gemm_1x1(",),
+               "direct": ("k_conv_direct(", "k_conv_depthwise("),
+               "depthwise": ("k_conv_direct(", "k_conv_depthwise("),
+               "winograd_f2x2_3x3": ("k_conv_winograd(",),
+               "winograd_f4x4_3x3": ("k_conv_winograd(",), "transposed": ("k_conv_transpose(",)}
 
 
 def conv_model(x_shape, w_shape, attrs, seed, bias=True, op="Conv", act=None, residual=False,
@@ -77,7 +80,8 @@ def check(model, feeds, algorithm, fused=None, kernel=None):
     for op in CONV_OPS:
         assert f"ref_{op}." not in source, f"{op} fell back to the reference:\n{source}"
     if algorithm is not None:
-        assert (kernel or KERNEL_CALL[algorithm]) in source, source
+        calls = (kernel,) if kernel else KERNEL_CALL[algorithm]
+        assert any(call in source for call in calls), source
     if fused is not None:
         convs = [n for n in mod.graph.nodes if n.op in CONV_OPS]
         assert [n.op for n in convs] == ["FusedConv"], [n.op for n in mod.graph.nodes]
@@ -303,6 +307,112 @@ def test_strided_input_view():
     model = make_model(nodes, {"X": x}, ["Y"], inits)
     for algorithm in ("im2col_gemm", "winograd_f2x2_3x3"):
         check(model, {"X": x}, None if algorithm == "im2col_gemm" else algorithm)
+
+
+# ---- how the drivers split the work -------------------------------------------------------------
+# shapes large enough for the other plan of each driver (the cases above are small: batched
+# columns, Winograd image blocks): position blocks for im2col / 1x1, tile-row bands for Winograd
+SPLIT_CASES = [
+    ("im2col_gemm", (2, 5, 23, 29), (7, 5, 3, 3), {"pads": [2, 1, 0, 1], "strides": [1, 2]}),
+    ("gemm_1x1", (2, 13, 20, 17), (11, 13, 1, 1), {}),
+    ("winograd_f2x2_3x3", (2, 11, 26, 23), (7, 11, 3, 3), {"pads": [1, 0, 2, 1]}),
+    ("winograd_f4x4_3x3", (1, 16, 70, 64), (17, 16, 3, 3), {"pads": [1, 1, 1, 1]}),
+]
+
+
+@pytest.mark.parametrize("algorithm, x_shape, w_shape, attrs", SPLIT_CASES,
+                         ids=[c[0] for c in SPLIT_CASES])
+def test_blocks_and_bands_match_reference(algorithm, x_shape, w_shape, attrs):
+    model, feeds = conv_model(x_shape, w_shape, attrs, seed=61, act=("Relu", {}), residual=True,
+                              post=("Relu", {}))
+    check(model, feeds, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", [c[0] for c in SPLIT_CASES])
+def test_blocks_and_bands_write_into_concat_slice(algorithm):
+    _, x_shape, w_shape, attrs = next(c for c in SPLIT_CASES if c[0] == algorithm)
+    rng = np.random.default_rng(62)
+    x = rng.standard_normal((2,) + x_shape[1:]).astype(np.float32)
+    inits = {"W": (rng.standard_normal(w_shape) * 0.3).astype(np.float32),
+             "B": rng.standard_normal(w_shape[0]).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["X", "W", "B"], ["a"], **attrs),
+             helper.make_node("Relu", ["a"], ["a_relu"]),
+             helper.make_node("Conv", ["X", "W"], ["b"], **attrs),
+             helper.make_node("Concat", ["b", "a_relu"], ["cat"], axis=1),
+             helper.make_node("Sigmoid", ["cat"], ["Y"])]
+    model = make_model(nodes, {"X": x}, ["Y"], inits, opset=OPSET)
+    assert "a slice of its concat" in forced(model, {"X": x}, algorithm).source
+    check(model, {"X": x}, algorithm)
+
+
+def _conv_reference(x, w, bias, attrs, residual):
+    """Conv + bias, Relu, + residual, Relu in float64: what the drivers compute below."""
+    y = OPS["Conv"].reference(x.astype(np.float64), w.astype(np.float64), bias.astype(np.float64),
+                              pads=attrs.get("pads", [0] * 4), strides=[1, 1], dilations=[1, 1])
+    return np.maximum(np.maximum(y, 0) + residual, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_drivers_split_the_same_with_any_thread_count(threads):
+    """The drivers called directly with 1 and 2 threads, with and without enough scratch (a
+    smaller ws makes them allocate), in both plans each, against the reference."""
+    import numba
+
+    from cnncompile.backends.cpu.kernels import conv, winograd
+
+    rng = np.random.default_rng(63 + threads)
+    relu = (1, 0.0, 0.0)
+    saved = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for x_shape, k_out, kernel, attrs in [((3, 6, 5, 4), 9, 3, {"pads": [1, 1, 1, 1]}),
+                                              ((1, 4, 30, 33), 5, 3, {"pads": [1, 0, 1, 1]}),
+                                              ((2, 5, 3, 2), 3, 1, {}),
+                                              ((1, 5, 17, 19), 3, 1, {})]:
+            x = rng.standard_normal(x_shape).astype(np.float32)
+            w = rng.standard_normal((k_out, x_shape[1], kernel, kernel)).astype(np.float32)
+            bias = rng.standard_normal(k_out).astype(np.float32)
+            out_shape = _conv_reference(x, w, bias, attrs, 0).shape
+            res = rng.standard_normal(out_shape).astype(np.float32)
+            want = _conv_reference(x, w, bias, attrs, res)
+            g = conv.geometry((kernel, kernel), (1, 1), (1, 1), attrs.get("pads", [0] * 4),
+                              out_shape[2:])
+            runs = {}
+            for ws in (None, np.empty(0, np.float32)):
+                out = np.full(out_shape, np.nan, np.float32)
+                if kernel == 1:
+                    conv.conv_gemm_1x1(x, w.reshape(k_out, -1), bias, out, relu, res, relu, ws=ws)
+                    runs["gemm_1x1"] = out
+                else:
+                    size = conv.scratch_size("im2col_gemm", x.shape, w.shape, g)
+                    conv.conv_im2col(x, w.reshape(1, k_out, -1), bias, out,
+                                     np.empty(size, np.float32) if ws is None else ws, g,
+                                     act=relu, residual=res, post=relu)
+                    runs["im2col"] = out.copy()
+                    for m in (2, 4):
+                        out = np.full(out_shape, np.nan, np.float32)
+                        size = winograd.scratch_size(x.shape[0], x.shape[1], k_out,
+                                                     *out_shape[2:], m)
+                        winograd.conv_winograd(x, winograd.transform_weights(w, m), bias, out,
+                                               np.empty(size, np.float32) if ws is None else ws,
+                                               m, attrs["pads"], relu, res, relu)
+                        runs[f"F({m}x{m})"] = out
+                for name, got in runs.items():
+                    assert rel_l2(got, want) <= TOL, (name, x_shape, rel_l2(got, want))
+    finally:
+        numba.set_num_threads(saved)
+
+
+def test_run_tasks_runs_every_task_once_on_any_thread_count():
+    from cnncompile.backends.cpu.kernels.conv import run_tasks
+
+    for workers in (1, 2, 5):
+        seen = []
+        run_tasks(lambda slot, index: seen.append((slot, index)), 37, workers)
+        assert sorted(index for _, index in seen) == list(range(37))
+        assert {slot for slot, _ in seen} <= set(range(workers))
+    with pytest.raises(ZeroDivisionError):
+        run_tasks(lambda slot, index: 1 // (index - 3), 8, 2)
 
 
 # ---- declines and defaults -----------------------------------------------------------------------

@@ -130,14 +130,18 @@ def _lowered(graph):
     (dict(channels=8, out_channels=8, group=8, kernel=5, pads=[2, 2, 2, 2]), "depthwise"),
     (dict(channels=8, out_channels=16, group=8), "grouped"),
     (dict(channels=8, out_channels=8, group=2), "grouped"),
-    (dict(channels=32, out_channels=32, size=10, pads=[1, 1, 1, 1]), "winograd_f4x4_3x3"),
-    (dict(channels=32, out_channels=32, size=4, pads=[1, 1, 1, 1]), "winograd_f2x2_3x3"),
-    (dict(channels=16, out_channels=16, size=10, pads=[1, 1, 1, 1]), "winograd_f2x2_3x3"),
+    (dict(channels=32, out_channels=32, size=32, pads=[1, 1, 1, 1]), "winograd_f4x4_3x3"),
+    # 9 F(4x4) tiles make GEMMs too short: F(2x2) has 25
+    (dict(channels=32, out_channels=32, size=10, pads=[1, 1, 1, 1]), "winograd_f2x2_3x3"),
+    # 16 positions: a short GEMM either way, and F(2x2) adds its transforms
+    (dict(channels=32, out_channels=32, size=4, pads=[1, 1, 1, 1]), "im2col_gemm"),
+    (dict(channels=16, out_channels=16, size=64, pads=[1, 1, 1, 1]), "winograd_f4x4_3x3"),
+    (dict(channels=8, out_channels=16, size=64, pads=[1, 1, 1, 1]), "im2col_gemm"),
     (dict(channels=3, out_channels=32, size=10, pads=[1, 1, 1, 1]), "im2col_gemm"),
     (dict(channels=32, out_channels=32, size=10, strides=[2, 2]), "im2col_gemm"),
     (dict(channels=32, out_channels=32, size=10, dilations=[2, 2]), "im2col_gemm"),
     (dict(channels=1, out_channels=4, size=12, kernel=3), "direct"),
-    (dict(channels=32, out_channels=32, size=10, rank=1), "im2col_gemm"),
+    (dict(channels=32, out_channels=32, size=40, rank=1), "im2col_gemm"),
     (dict(op="ConvTranspose", channels=8, out_channels=4, kernel=2, strides=[2, 2]),
      "transposed"),
 ])
@@ -176,7 +180,7 @@ def test_tiny_channels_say_why_winograd_was_skipped():
 
 
 def test_fused_conv_is_lowered_like_conv():
-    graph = _conv_graph(channels=32, out_channels=32, size=10, pads=[1, 1, 1, 1])
+    graph = _conv_graph(channels=32, out_channels=32, size=32, pads=[1, 1, 1, 1])
     conv = graph.nodes[0]
     attrs = OPS["FusedConv"].normalize({**conv.attrs, "activation": "Relu"},
                                        [v.type for v in conv.inputs], graph.opset)

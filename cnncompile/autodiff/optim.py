@@ -6,6 +6,10 @@
 An optimizer keeps its state (momentum buffers, Adam moments) per parameter name. The updates follow
 torch.optim's formulas term by term (weight decay added to the gradient, PyTorch's first-step
 momentum buffer, Adam's bias corrections), so a run matches PyTorch's on the same gradients.
+
+Contiguous float32 parameters are updated by one fused Numba pass each (kernels/training.py: read
+p, g and the state once, write p and the state, no temporaries); others, or ``fused = False``,
+by the NumPy formulas.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Optimizer:
         self.lr = _check("lr", lr)
         self.state: dict[str, dict] = {}
         self.steps = 0
+        self.fused = True
 
     def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
         unknown = [name for name in grads if name not in params]
@@ -44,8 +49,15 @@ class Optimizer:
             if grad.shape != param.shape:
                 raise UserError(f"optimizer: the gradient of '{name}' has shape "
                                 f"{list(grad.shape)}, the parameter {list(param.shape)}")
-            self._update(name, param, np.asarray(grad, dtype=param.dtype),
-                         self.state.setdefault(name, {}))
+            grad = np.asarray(grad, dtype=param.dtype)
+            state = self.state.setdefault(name, {})
+            if self.fused and _fusable(param, grad):
+                self._fused_update(param, grad, state)
+            else:
+                self._update(name, param, grad, state)
+
+    def _fused_update(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
+        raise NotImplementedError
 
     def _update(self, name: str, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
         raise NotImplementedError
@@ -54,6 +66,16 @@ class Optimizer:
         """Forget the state (momentum, moments, step count)."""
         self.state.clear()
         self.steps = 0
+
+
+def _fusable(param: np.ndarray, grad: np.ndarray) -> bool:
+    return (param.dtype == np.float32 and param.flags.c_contiguous and param.flags.writeable
+            and grad.flags.c_contiguous)
+
+
+def _kernels():
+    from ..backends.cpu.kernels import training
+    return training
 
 
 class SGD(Optimizer):
@@ -86,6 +108,21 @@ class SGD(Optimizer):
                 buf += param.dtype.type(1.0 - self.dampening) * grad
             grad = grad + param.dtype.type(self.momentum) * buf if self.nesterov else buf
         param -= param.dtype.type(self.lr) * grad
+
+    def _fused_update(self, param, grad, state):
+        first = False
+        buf = _NO_STATE
+        if self.momentum:
+            buf = state.get("momentum")
+            first = buf is None
+            if first:
+                buf = state["momentum"] = np.zeros_like(param)
+        _kernels().sgd_update(param.reshape(-1), grad.reshape(-1), buf.reshape(-1), self.lr,
+                              self.momentum, self.dampening, self.weight_decay, self.nesterov,
+                              first)
+
+
+_NO_STATE = np.zeros(0, dtype=np.float32)
 
 
 class Adam(Optimizer):
@@ -123,6 +160,18 @@ class Adam(Optimizer):
         step_size = self.lr / (1.0 - beta1 ** step)
         denom = np.sqrt(exp_avg_sq) / cast(math.sqrt(1.0 - beta2 ** step)) + cast(self.eps)
         param -= cast(step_size) * (exp_avg / denom)
+
+    def _fused_update(self, param, grad, state):
+        beta1, beta2 = self.betas
+        if not state:
+            state.update(step=0, exp_avg=np.zeros_like(param), exp_avg_sq=np.zeros_like(param))
+        state["step"] += 1
+        step = state["step"]
+        _kernels().adam_update(param.reshape(-1), grad.reshape(-1),
+                               state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1),
+                               self.lr, beta1, beta2, self.eps,
+                               self.weight_decay, self.lr / (1.0 - beta1 ** step),
+                               math.sqrt(1.0 - beta2 ** step))
 
 
 __all__ = ["Optimizer", "SGD", "Adam"]

@@ -12,16 +12,19 @@ Every other conv is costed, in multiply-add equivalents at GEMM speed:
 
 * direct       MACs / DIRECT_EFFICIENCY: a loop nest without cache blocking or packing;
 * im2col_gemm  MACs / gemm_efficiency + IM2COL_TRAFFIC x (elements of the column matrix): the
-               copy costs memory traffic, the GEMM is slow when its reduction (C*R*S) or its
-               column count (K) is short, so small C*R*S goes direct;
+               copy costs memory traffic, the GEMM is slow when its reduction (C*R*S), its
+               column count (K) or its positions (N * output pixels) are few, so small C*R*S
+               goes direct;
 * Winograd     (2-D 3x3, stride 1, dilation 1, at least WINOGRAD_MIN_CHANNELS input channels)
-               tiles x K x C x (m+2)^2 multiplies / gemm_efficiency + the input and output
-               transforms + the traffic of the transformed tensors. The filter transform is done
-               once at compile time and costs nothing here. F(4x4,3x3) is a candidate only for
-               outputs of at least F4_MIN_OUTPUT per side (smaller ones waste most of a 4x4 tile)
-               with C and K of at least F4_MIN_CHANNELS (so its larger transforms are amortised
-               over many channel pairs, and its 5-7x larger float32 error, see ops/winograd.py,
-               buys a real speed-up).
+               tiles x K x C x (m+2)^2 multiplies / gemm_efficiency (few tiles make short
+               GEMMs: a 14x14 image has 49 F(2x2) tiles but 16 F(4x4) ones) + the input and
+               output transforms + the traffic of the transformed tensors. The filter transform
+               is done once at compile time and costs nothing here. F(4x4,3x3) is a candidate
+               only for outputs of at least F4_MIN_OUTPUT per side (smaller ones waste most of a
+               4x4 tile) with C and K of at least F4_MIN_CHANNELS (so its larger transforms are
+               amortised over enough channel pairs: with 16, U-Net's 256x256 layers ran 1.5x
+               faster in F(4x4) than F(2x2); and its 5-7x larger float32 error, see
+               ops/winograd.py, buys a real speed-up).
 
 The cheapest candidate wins. The constants are rough and deliberately few; the point is a choice
 that is explained, not a tuned one.
@@ -42,15 +45,19 @@ CONV_OPS = ("Conv", "FusedConv", "ConvTranspose")
 
 #: a GEMM reaches full speed from this reduction length on...
 GEMM_FULL_REDUCTION = 16
-#: ...and with this many output columns sharing each loaded input
+#: ...with this many output columns sharing each loaded input...
 GEMM_FULL_COLUMNS = 8
+#: ...and this many positions (or Winograd tiles) per GEMM: single-threaded, the 256x256 F(4x4)
+#: GEMMs of a 14x14 image (16 tiles) took 47 ns per thousand multiplies, F(2x2)'s (49 tiles) 30,
+#: im2col's (196 positions) 22; F(4x4) on 7x7 (4 tiles) 148
+GEMM_FULL_POSITIONS = 24
 #: speed of a direct loop nest relative to a GEMM at full speed
 DIRECT_EFFICIENCY = 0.5
 #: cost of one element written to a scratch buffer and read back, in MAC-equivalents
 IM2COL_TRAFFIC = 2.0
 WINOGRAD_MIN_CHANNELS = 8
 F4_MIN_OUTPUT = 8
-F4_MIN_CHANNELS = 32
+F4_MIN_CHANNELS = 16
 
 
 def winograd_name(m: int) -> str:
@@ -127,8 +134,9 @@ def count(n: float) -> str:
     return f"{n:.3g}"
 
 
-def gemm_efficiency(reduction: int, columns: int) -> float:
-    return min(1.0, reduction / GEMM_FULL_REDUCTION) * min(1.0, columns / GEMM_FULL_COLUMNS)
+def gemm_efficiency(reduction: int, columns: int, positions: int) -> float:
+    return (min(1.0, reduction / GEMM_FULL_REDUCTION) * min(1.0, columns / GEMM_FULL_COLUMNS)
+            * min(1.0, positions / GEMM_FULL_POSITIONS))
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,8 @@ def direct_candidate(p: ConvProblem) -> Candidate:
 
 def im2col_candidate(p: ConvProblem) -> Candidate:
     columns = p.batch * math.prod(p.out_spatial) * p.reduction
-    efficiency = gemm_efficiency(p.reduction, p.out_channels // p.group)
+    efficiency = gemm_efficiency(p.reduction, p.out_channels // p.group,
+                                 p.batch * math.prod(p.out_spatial))
     cost = p.macs / efficiency + IM2COL_TRAFFIC * columns
     return Candidate("im2col_gemm", cost,
                      f"im2col {count(p.macs)} MACs at {efficiency:.2g} speed + "
@@ -159,7 +168,7 @@ def winograd_candidate(p: ConvProblem, m: int) -> Candidate:
     input_ops, output_ops = transform_ops(m, len(p.kernel))
     transforms = tiles * (p.channels * input_ops + p.out_channels * output_ops)
     traffic = IM2COL_TRAFFIC * tiles * alpha ** 2 * (p.channels + p.out_channels)
-    efficiency = gemm_efficiency(p.channels, p.out_channels)
+    efficiency = gemm_efficiency(p.channels, p.out_channels, tiles)
     cost = multiplies / efficiency + transforms + traffic
     return Candidate(winograd_name(m), cost,
                      f"F({m}x{m},3x3) {count(multiplies)} multiplies "

@@ -20,9 +20,11 @@ from .emitters import emits, literal
 from .kernels.conv import geometry, scratch_size
 from .kernels.epilogue import UnsupportedActivation, activation_code
 from .kernels import winograd
+from .kernels.misc import PARALLEL_MIN_WORK
 
 KERNELS = "cnncompile.backends.cpu.kernels.conv"
 WINOGRAD = "cnncompile.backends.cpu.kernels.winograd"
+DEPTHWISE = "cnncompile.backends.cpu.kernels.depthwise"
 FLOAT32 = np.dtype(np.float32)
 WINOGRAD_TILES = {"winograd_f2x2_3x3": 2, "winograd_f4x4_3x3": 4}
 #: grouped convs with at most this many input channels per group run the direct kernel: their
@@ -87,7 +89,8 @@ def emit_conv(node: Node, cg: Codegen):
     if any(v.type.dtype != FLOAT32 or not v.type.is_static for v in values):
         return False
     if not w.is_constant:
-        return False
+        from .grad_emitters import emit_runtime_conv
+        return emit_runtime_conv(node, cg)
     try:
         act = _act(node.attrs.get("activation", ""), node.attrs.get("activation_attrs"))
         post = _act(node.attrs.get("post_activation", ""),
@@ -110,8 +113,10 @@ def emit_conv(node: Node, cg: Codegen):
     group = attrs["group"]
     if algorithm == "gemm_1x1":
         wmat = cg.constant(weights.reshape(k_out, channels), f"{node.name}_w1x1")
+        size = scratch_size("gemm_1x1", x.type.shape, weights.shape, g)
+        ws = f", ws={workspace(cg, size)}" if size else ""  # only small images need scratch
         call = cg.kernel(KERNELS, "conv_gemm_1x1")
-        cg.line(f"{call}({args.format(w=wmat)}, {epilogue})")
+        cg.line(f"{call}({args.format(w=wmat)}, {epilogue}{ws})")
     elif algorithm in WINOGRAD_TILES:
         m = WINOGRAD_TILES[algorithm]
         u = cg.constant(winograd.transform_weights(weights, m), f"{node.name}_winograd{m}")
@@ -121,8 +126,13 @@ def emit_conv(node: Node, cg: Codegen):
         call = cg.kernel(WINOGRAD, "conv_winograd")
         pads = tuple(attrs["pads"])
         cg.line(f"{call}({args.format(w=u)}, {ws}, {m}, {pads!r}, {epilogue})")
+    elif algorithm in ("direct", "depthwise") and group == channels and weights.shape[1] == 1:
+        # one input channel per group (a channel multiplier K / C allowed): the depthwise kernel
+        wflat = cg.constant(weights.reshape(k_out, -1), f"{node.name}_wdw")
+        call = cg.kernel(DEPTHWISE, "conv_depthwise")
+        parallel = y.type.size * weights.shape[1] * math.prod(g[0:3]) >= PARALLEL_MIN_WORK
+        cg.line(f"{call}({args.format(w=wflat)}, {g!r}, {epilogue}, parallel={parallel})")
     elif algorithm in ("direct", "depthwise"):
-        # one kernel: depthwise is the direct convolution with one channel per group
         w5 = cg.constant(weights.reshape(weights.shape[:2] + g[0:3]), f"{node.name}_w")
         ws = workspace(cg, scratch_size("direct", x.type.shape, weights.shape, g))
         call = cg.kernel(KERNELS, "conv_direct")

@@ -107,3 +107,4 @@ def emit_concat(node: Node, cg: Codegen):
 
 from . import op_emitters  # noqa: F401,E402  (registers the per-op emitters)
 from . import conv_emitters  # noqa: F401
+from . import grad_emitters  # noqa: F401

@@ -13,17 +13,29 @@ col2im and the epilogue (``epilogue.py``: bias, activation, residual, post activ
 The drivers write into ``out``, which may be a strided view (a channel slice of a concat buffer
 with N > 1): each image of it is then contiguous, and a layout with no contiguous image is
 computed into a temporary and copied. ``ws`` is a flat float32 scratch buffer that the generated
-module allocates once (``scratch_size`` says how large).
+module allocates once (``scratch_size`` says how large; a smaller one makes a driver allocate).
+
+Threads (im2col + GEMM, 1x1 GEMM and Winograd): the drivers split a convolution into tasks that
+``run_tasks`` hands to the calling thread and ``numba.get_num_threads() - 1`` helper threads,
+each task running serial ``nogil`` Numba kernels and a single-threaded BLAS call on data sized
+for its core's L2. Whoever is free takes the next task, so a descheduled helper (the machine
+is shared) delays a call by at most one task, where a static split over two thread pools
+(Numba's OpenMP threads, then OpenBLAS's) waited for the slower thread at every handoff; one
+pool also means no idle pool spinning on the cores the other one needs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-from .epilogue import bias_activation, epilogue_plane
+from .epilogue import RELU, activation_row, bias_activation, epilogue_plane
 
 NO_ACT = (0, 0.0, 0.0)
 NO_BIAS = np.zeros(0, dtype=np.float32)
@@ -128,34 +140,192 @@ def pad_planes(x, xp, g):
                     dst[i] = 0
 
 
+# ---- work sharing --------------------------------------------------------------------------------
+_EXECUTOR: list = []
+_BLAS: list = []
+
+
+def threads() -> int:
+    """Threads a driver may use: Numba's current count (the backend's ``threads`` setting)."""
+    return numba.get_num_threads()
+
+
+def _drain(fn, counter, count, slot):
+    for index in iter(counter.__next__, None):
+        if index >= count:
+            return
+        fn(slot, index)
+
+
+def run_tasks(fn, count: int, workers: int) -> None:
+    """fn(slot, index) for every index in range(count), on up to ``workers`` threads: the caller
+    (slot 0) and helpers (slots 1...), each taking the next index when free. ``slot`` names the
+    thread's private scratch. fn must release the GIL (nogil Numba kernels, BLAS) to overlap."""
+    helpers = min(workers, count) - 1
+    if helpers <= 0:
+        for index in range(count):
+            fn(0, index)
+        return
+    if not _EXECUTOR:
+        _EXECUTOR.append(ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                            thread_name_prefix="cnncompile-conv"))
+    counter = itertools.count()
+    futures = [_EXECUTOR[0].submit(_drain, fn, counter, count, slot)
+               for slot in range(1, helpers + 1)]
+    _drain(fn, counter, count, 0)
+    for future in futures:
+        if not future.cancel():  # a helper that never started has nothing left to do
+            future.result()
+
+
+def _openblas_threads():
+    """(get, set) of NumPy's OpenBLAS thread count, or None when NumPy uses another BLAS."""
+    names = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+             ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+             ("openblas_get_num_threads", "openblas_set_num_threads")]
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for getter, setter in names:
+            if hasattr(lib, getter) and hasattr(lib, setter):
+                return getattr(lib, getter), getattr(lib, setter)
+    return None
+
+
+class serial_blas:
+    """Single-threaded OpenBLAS inside and after (the drivers' threads share the cores instead).
+
+    The count is deliberately not restored: an OpenBLAS worker woken by a later 2-thread call
+    keeps spinning for a long time after it (its thread timeout) and takes the core the
+    drivers' helper thread needs; measured on a quiet machine, ResNet-18 at batch 1 ran in 52 ms
+    with the count restored after every conv and in 30.5 ms with OpenBLAS left at 1 thread."""
+
+    def __enter__(self):
+        if not _BLAS:
+            _BLAS.append(_openblas_threads())
+        if _BLAS[0] is not None and _BLAS[0][0]() != 1:
+            _BLAS[0][1](1)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def scratch(ws: np.ndarray, size: int) -> np.ndarray:
+    """The first ``size`` elements of ``ws``, or a new buffer when ws is smaller."""
+    return ws[:size] if ws is not None and ws.size >= size else np.empty(size, np.float32)
+
+
 # ---- im2col --------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
-def im2col(xp, col, g):
-    """col (C * kd * kh * kw, od * oh * ow), rows channel-major, from one padded image xp
-    (C, Dp, Hp, Wp) (see pad_planes): no bounds checks, one strided copy per output row."""
+@njit(nogil=True, cache=True)
+def pad_image(x, xp, pd, ph, pw):
+    """xp (C, Dp, Hp, Wp) = x (C, D, H, W) placed at (pd, ph, pw), zeros around it, cropped at
+    xp's end: pad_planes for one image, serial (a task of the drivers' threads)."""
+    channels, depth, height, width = x.shape
+    dp, hp, wp = xp.shape[1], xp.shape[2], xp.shape[3]
+    hi = min(wp, pw + width)
+    lo = min(pw, hi)
+    for c in range(channels):
+        for z in range(dp):
+            for y in range(hp):
+                dst = xp[c, z, y]
+                iz = z - pd
+                iy = y - ph
+                if iz < 0 or iz >= depth or iy < 0 or iy >= height:
+                    for i in range(wp):
+                        dst[i] = 0
+                    continue
+                src = x[c, iz, iy]
+                for i in range(lo):
+                    dst[i] = 0
+                inner = dst[lo:hi]
+                for i in range(hi - lo):
+                    inner[i] = src[i]
+                for i in range(hi, wp):
+                    dst[i] = 0
+
+
+@njit(nogil=True, cache=True)
+def im2col_block(xp, col, g, r0, r1, p0, j0, count):
+    """col[row, j0:j0 + count] for rows [r0, r1) = the im2col columns of output positions
+    [p0, p0 + count) of one padded image xp (C, Dp, Hp, Wp), its begin pads included (no bounds
+    checks); rows are (channel, tap) channel-major. Bounds checks here instead of padding first
+    measured 2-3x slower."""
     kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
-    channels = xp.shape[0]
     taps = kd * kh * kw
-    for row in prange(channels * taps):
+    first = p0 // ow
+    last = (p0 + count - 1) // ow
+    for row in range(r0, r1):
         c = row // taps
         t = row % taps
         a = t // (kh * kw)
         b = (t // kw) % kh
         e = t % kw
-        dst = col[row]
-        for z in range(od):
-            for y in range(oh):
-                seg = dst[(z * oh + y) * ow:(z * oh + y + 1) * ow]
-                part = xp[c, z * sd + a * dd, y * sh + b * dh, e * dw:]
-                if sw == 1:
-                    for o in range(ow):
-                        seg[o] = part[o]
-                elif sw == 2:
-                    for o in range(ow):
-                        seg[o] = part[2 * o]
-                else:
-                    for o in range(ow):
-                        seg[o] = part[o * sw]
+        dst = col[row, j0:j0 + count]
+        for line in range(first, last + 1):  # output rows (z, y) the block touches
+            z = line // oh
+            y = line - z * oh
+            s0 = max(p0 - line * ow, 0)
+            s1 = min(p0 + count - line * ow, ow)
+            seg = dst[line * ow + s0 - p0:line * ow + s1 - p0]
+            part = xp[c, z * sd + a * dd, y * sh + b * dh, s0 * sw + e * dw:]
+            if sw == 1:
+                for i in range(s1 - s0):
+                    seg[i] = part[i]
+            elif sw == 2:
+                for i in range(s1 - s0):
+                    seg[i] = part[2 * i]
+            else:
+                for i in range(s1 - s0):
+                    seg[i] = part[i * sw]
+
+
+@njit(nogil=True, cache=True)
+def epilogue_rows(src, src_at, dst, dst_at, res, res_at, pitches, rows, length, bias, code,
+                  params, post_code, post_params):
+    """dst row r = post(act(src row r + bias[r]) + res row r) for r in range(rows), on flat
+    arrays: row r of each starts at its ``*_at`` + r * its pitch (``pitches`` = (src, dst, res)),
+    ``length`` long; an empty ``src`` means in place on dst. Each row is copied first and then
+    updated in place: a loop that reads src and writes dst does not vectorise when they may be
+    the same memory (measured 2x slower in place)."""
+    src_pitch, dst_pitch, res_pitch = pitches
+    has_src = src.shape[0] != 0
+    has_bias = bias.shape[0] != 0
+    has_res = res.shape[0] != 0
+    zero = np.float32(0)
+    for r in range(rows):
+        d = dst[dst_at + r * dst_pitch:dst_at + r * dst_pitch + length]
+        if has_src:
+            s = src[src_at + r * src_pitch:src_at + r * src_pitch + length]
+            for i in range(length):
+                d[i] = s[i]
+        b = bias[r] if has_bias else zero
+        if code == RELU:
+            for i in range(length):
+                v = d[i] + b
+                d[i] = v if v > zero else zero
+        else:
+            if has_bias:
+                for i in range(length):
+                    d[i] += b
+            activation_row(d, code, params)
+        if has_res:
+            q = res[res_at + r * res_pitch:res_at + r * res_pitch + length]
+            if post_code == RELU:
+                for i in range(length):
+                    v = d[i] + q[i]
+                    d[i] = v if v > zero else zero
+            else:
+                for i in range(length):
+                    d[i] += q[i]
+                activation_row(d, post_code, post_params)
 
 
 # ---- direct and depthwise -----------------------------------------------------------------------
@@ -266,16 +436,17 @@ def direct_conv(xp, w, bias, out, g, group, code, params, res, post_code, post_p
 
 
 # ---- ConvTranspose: col2im -----------------------------------------------------------------------
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def col2im(cols, out, g, in_spatial, bias):
     """out (K, od, oh, ow) = bias + scatter of cols (K * taps, id, ih, iw): input position i and
-    tap t land on output i * stride + t * dilation - pad. Gathered per output row (no races)."""
+    tap t land on output i * stride + t * dilation - pad. Gathered per output row; serial (a
+    task of conv_transpose's threads, each with its own output channels)."""
     kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
     depth, height, width = in_spatial
     k_out = out.shape[0]
     taps = kd * kh * kw
     has_bias = bias.shape[0] != 0
-    for job in prange(k_out * od * oh):
+    for job in range(k_out * od * oh):
         y = job % oh
         z = (job // oh) % od
         k = job // (oh * od)
@@ -306,73 +477,223 @@ def col2im(cols, out, g, in_spatial, bias):
 
 
 # ---- drivers (Python: BLAS calls between the Numba parts) ----------------------------------------
+#: bytes of one task's im2col columns plus GEMM result: most of a core's L2 (2 MiB here); 1x1
+#: blocks have no columns, and a shorter row of positions per GEMM costs more (256x64 by 64x784
+#: into out ran 15% slower than by 64x3136)
+BLOCK_BYTES = 3 << 19
+#: blocks of fewer output positions than this batch the images' columns instead (a GEMM's
+#: short row of positions is slow: 512x4608 by 4608x25 ran at 65% of 512x4608 by 4608x49)
+MIN_BLOCK = 128
+#: bytes of the batched columns and GEMM result of one group of small images
+BATCH_BYTES = 8 << 20
+
+
+@lru_cache(maxsize=1024)
+def gemm_plan(n_batch, rows, k_out, positions, workers, pad=0, pack=True):
+    """How ``conv_im2col`` / ``conv_gemm_1x1`` split a call, and the float32 scratch it needs
+    (``pad``: elements of one padded image, 0 when the columns need no padded copy; ``pack``:
+    im2col columns, not views of x):
+
+    * ("blocks", pb, nblocks, size): every image padded (a task each), then each task one block
+      of <= pb output positions of one image: its columns (im2col into the task's own scratch, or
+      a view of x for 1x1), a GEMM straight into out and the epilogue on the block while it is
+      in cache;
+    * ("batched", nb, 0, size): for few positions per image (7x7, 14x14 outputs), the columns of
+      nb images side by side (a task per image), then one GEMM per block of output channels (a
+      task each; the weights are read once, not once per image), the epilogue scattering each
+      image's part into out. Splitting the weights' rows costs less than splitting a short
+      row of positions (measured 3-7% against 17-40% single-threaded)."""
+    per_position = 4 * (rows * pack + k_out)
+    budget = max(1, BLOCK_BYTES // per_position)  # the block's columns and its output
+    nblocks = max(-(-positions // budget), -(-workers // n_batch))
+    pb = -(-positions // nblocks)
+    if pb >= MIN_BLOCK or positions >= budget:
+        return "blocks", pb, nblocks, n_batch * pad + workers * rows * pb * pack
+    nb = max(1, min(n_batch, BATCH_BYTES // (4 * (rows + k_out) * positions)))
+    return "batched", nb, 0, workers * pad + (rows + k_out) * nb * positions
+
+
 def scratch_size(algorithm: str, x_shape, w_shape, g, group: int = 1) -> int:
     """float32 elements of scratch an algorithm needs for one call (see the drivers)."""
     kd, kh, kw = g[0:3]
     od, oh, ow = g[12:15]
     channels = x_shape[1]
-    if algorithm in ("im2col_gemm", "grouped"):
-        return channels * (kd * kh * kw * od * oh * ow + int(np.prod(padded_shape(g))))
+    workers = numba.config.NUMBA_NUM_THREADS
+    if algorithm in ("im2col_gemm", "grouped", "gemm_1x1"):
+        pad = 0 if algorithm == "gemm_1x1" else padded_size(g, x_shape)
+        plan = gemm_plan(x_shape[0], channels * kd * kh * kw, w_shape[0], od * oh * ow,
+                         workers, pad, algorithm != "gemm_1x1")
+        return plan[3]
     if algorithm in ("direct", "depthwise"):
         batch = x_shape[0]  # whole batches at once (one image at a time when out is strided)
         return batch * channels * int(np.prod(padded_shape(g)))
     if algorithm == "transposed":
         spatial = int(np.prod(x_shape[2:]))
-        return w_shape[1] * group * kd * kh * kw * spatial
+        k_out = w_shape[1] * group
+        kparts = 1 if group > 1 else max(1, min(k_out, -(-workers // x_shape[0])))
+        return workers * -(-k_out // kparts) * kd * kh * kw * spatial
     return 0
 
 
-def conv_gemm_1x1(x, wmat, bias, out, act=NO_ACT, residual=None, post=NO_ACT):
-    """1x1, stride 1, unpadded: per image Y[K, S] = W[K, C] @ X[C, S], then the epilogue."""
-    x5, out5 = as5(x), as5(out)
+def padded_size(g, x_shape) -> int:
+    """Elements of one image's padded copy for im2col, 0 when its windows read x as it is."""
+    spatial = padded_shape(g)
+    x_spatial = (1,) * (5 - len(x_shape)) + tuple(x_shape[2:])
+    if not any(g[9:12]) and all(p <= s for p, s in zip(spatial, x_spatial)):
+        return 0
+    return x_shape[1] * int(np.prod(spatial))
+
+
+def _flat_images(a5: np.ndarray) -> list:
+    """Each image of a (N, ...) array as a flat view (a copy where an image is not contiguous)."""
+    return [contiguous(a5[n]).reshape(-1) for n in range(a5.shape[0])]
+
+
+def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack):
+    """The shared driver of conv_im2col (pack: im2col columns) and conv_gemm_1x1 (the columns
+    are x itself); see gemm_plan for the two ways it splits the work into tasks."""
     n_batch, channels = x5.shape[:2]
-    k_out = out5.shape[1]
+    group, k_group, rows_g = wmat.shape
+    rows, k_out = group * rows_g, group * k_group
+    positions = g[12] * g[13] * g[14]
     code, params = epilogue_args(act)
     post_code, post_params = epilogue_args(post)
+    epi = (code, params, post_code, post_params)
     bias = NO_BIAS if bias is None else bias
-    res5 = None if residual is None else as5(residual)
-    for n in range(n_batch):
-        target = Target(out5, n, n + 1)
-        y = target.array.reshape(1, k_out, -1)
-        np.matmul(wmat, contiguous(x5[n]).reshape(channels, -1), out=y[0])
-        res = _EMPTY5 if res5 is None else contiguous(res5[n:n + 1])
-        _epilogue_block(y, bias, code, params, res, post_code, post_params)
-        target.done()
-    return out
+    has_epilogue = bias.shape[0] != 0 or code != 0 or residual is not None
+    workers = threads()
+    pad = padded_size(g, x5.shape) if pack else 0
+    mode, size, nblocks, need = gemm_plan(n_batch, rows, k_out, positions, workers, pad, pack)
+    buf = scratch(ws, need)
+    direct_out = out5[0].flags.c_contiguous
+    target = out5 if direct_out else np.empty(out5.shape, np.float32)
+    outs = [target[n].reshape(-1) for n in range(n_batch)]
+    empty = np.zeros(0, np.float32)
+    ress = [empty] * n_batch if residual is None else _flat_images(as5(residual))
+    xs = None if pack else [contiguous(x5[n]).reshape(rows, positions) for n in range(n_batch)]
+    spatial = (channels,) + padded_shape(g)
+
+    def padded(n, at):
+        """Image n as im2col reads it: padded into buf[at:] when it needs pads."""
+        if not pad:
+            return x5[n]
+        xp = buf[at:at + pad].reshape(spatial)
+        pad_image(x5[n], xp, g[9], g[10], g[11])
+        return xp
+
+    if mode == "blocks":
+        pb = size
+        base = n_batch * pad
+        per_slot = rows * pb if pack else 0
+        xps = [None] * n_batch
+
+        def pad_task(slot, n):
+            xps[n] = padded(n, n * pad)
+
+        def task(slot, index):
+            n, block = divmod(index, nblocks)
+            p0 = block * pb
+            count = min(pb, positions - p0)
+            if count <= 0:
+                return
+            if pack:
+                col = buf[base + slot * per_slot:base + slot * per_slot + rows * pb]
+                col = col.reshape(rows, pb)
+                im2col_block(xps[n], col, g, 0, rows, p0, 0, count)
+                cols = col[:, :count]
+            else:
+                cols = xs[n][:, p0:p0 + count]
+            # straight into out (BLAS takes its row pitch), the epilogue in place while in cache
+            y = target[n].reshape(group, k_group, positions)[:, :, p0:p0 + count]
+            if group == 1:
+                np.matmul(wmat[0], cols, out=y[0])
+            else:
+                np.matmul(wmat, cols.reshape(group, rows_g, count), out=y)
+            if has_epilogue:
+                epilogue_rows(empty, 0, outs[n], p0, ress[n], p0, (0, positions, positions),
+                              k_out, count, bias, *epi)
+
+        with serial_blas():
+            if pack:
+                run_tasks(pad_task, n_batch, workers)
+            run_tasks(task, n_batch * nblocks, workers)
+    else:
+        nb = size
+        # blocks of output rows (first, last, their weights, their group's first column row):
+        # one per thread, split within groups when there are fewer groups than threads
+        parts = max(1, -(-workers // group))
+        kblocks = []
+        for q in range(group):
+            step = max(8, -(-k_group // parts))
+            for k0 in range(0, k_group, step):
+                k1 = min(k_group, k0 + step)
+                kblocks.append((q * k_group + k0, q * k_group + k1, wmat[q, k0:k1], q * rows_g))
+        base = workers * pad
+        with serial_blas():
+            for n0 in range(0, n_batch, nb):
+                n1 = min(n_batch, n0 + nb)
+                width = (n1 - n0) * positions
+                # one image: 1x1 reads x itself and every GEMM writes straight into out
+                alone = n1 - n0 == 1
+                col = xs[n0] if alone and not pack else buf[base:base + rows * width].reshape(
+                    rows, width)
+                y = buf[base + rows * width:base + (rows + k_out) * width]
+
+                def pack_task(slot, n, n0=n0, col=col):
+                    xp = padded(n0 + n, slot * pad) if pack else xs[n0 + n].reshape(
+                        (channels, 1, 1, positions))
+                    im2col_block(xp, col, g, 0, rows, 0, n * positions, positions)
+
+                def gemm_task(slot, index, n0=n0, n1=n1, col=col, y=y, width=width,
+                              alone=alone):
+                    k0, k1, wpart, r0 = kblocks[index]
+                    if alone:
+                        np.matmul(wpart, col[r0:r0 + rows_g],
+                                  out=target[n0].reshape(k_out, positions)[k0:k1])
+                        if has_epilogue:
+                            epilogue_rows(empty, 0, outs[n0], k0 * positions, ress[n0],
+                                          k0 * positions, (0, positions, positions), k1 - k0,
+                                          positions, bias[k0:k1], *epi)
+                        return
+                    np.matmul(wpart, col[r0:r0 + rows_g], out=y[k0 * width:k1 * width].reshape(
+                        k1 - k0, width))
+                    for n in range(n0, n1):
+                        at = (n - n0) * positions
+                        epilogue_rows(y, k0 * width + at, outs[n], k0 * positions, ress[n],
+                                      k0 * positions, (width, positions, positions), k1 - k0,
+                                      positions, bias[k0:k1], *epi)
+
+                if pack or not alone:
+                    run_tasks(pack_task, n1 - n0, workers)
+                run_tasks(gemm_task, len(kblocks), workers)
+    if not direct_out:
+        out5[...] = target
 
 
 def _epilogue_block(y3, bias, code, params, res5, post_code, post_params):
+    """The epilogue in place on y3 (N, K, S) (training.py's drivers use it)."""
     if code == 0 and post_code == 0 and res5.shape[0] == 0 and bias.shape[0] == 0:
         return
     res3 = _EMPTY3 if res5.shape[0] == 0 else res5.reshape(res5.shape[0], res5.shape[1], -1)
     bias_activation(y3, y3, bias, code, params, res3, post_code, post_params)
 
 
-def conv_im2col(x, wmat, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post=NO_ACT):
-    """Per image: the padded image and its im2col columns into ``ws``, one GEMM (batched over
-    groups), the epilogue. wmat: (group, K/group, C/group * taps)."""
+def conv_gemm_1x1(x, wmat, bias, out, act=NO_ACT, residual=None, post=NO_ACT, ws=None):
+    """1x1, stride 1, unpadded: Y[K, S] = W[K, C] @ X[C, S] per image (blocks of S, or the
+    columns of several small images side by side), the epilogue fused; ``ws`` as scratch_size
+    ("gemm_1x1") says (None: allocated per call)."""
     x5, out5 = as5(x), as5(out)
-    n_batch, channels = x5.shape[:2]
     k_out = out5.shape[1]
-    rows = channels * g[0] * g[1] * g[2]
-    positions = g[12] * g[13] * g[14]
-    col = ws[:rows * positions].reshape(group, rows // group, positions)
-    spatial = padded_shape(g)
-    xp = ws[rows * positions:rows * positions + channels * int(np.prod(spatial))].reshape(
-        (1, channels) + spatial)
-    code, params = epilogue_args(act)
-    post_code, post_params = epilogue_args(post)
-    bias = NO_BIAS if bias is None else bias
-    res5 = None if residual is None else as5(residual)
-    for n in range(n_batch):
-        pad_planes(contiguous(x5[n:n + 1]), xp, g)
-        im2col(xp[0], col.reshape(rows, positions), g)
-        target = Target(out5, n, n + 1)
-        y = target.array.reshape(1, k_out, positions)
-        np.matmul(wmat, col, out=y.reshape(group, k_out // group, positions))
-        res = _EMPTY5 if res5 is None else contiguous(res5[n:n + 1])
-        _epilogue_block(y, bias, code, params, res, post_code, post_params)
-        target.done()
+    g = geometry((1,), (1,), (1,), (0, 0), (int(np.prod(x5.shape[2:])),))
+    _gemm_conv(x5.reshape(x5.shape[:2] + (1, 1, -1)), wmat.reshape(1, k_out, -1), bias,
+               out5, ws, g, act, residual, post, pack=False)
+    return out
+
+
+def conv_im2col(x, wmat, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post=NO_ACT):
+    """im2col + GEMM (batched over groups) with the epilogue fused, in cache-sized blocks of
+    output positions (see gemm_plan). wmat: (group, K/group, C/group * taps)."""
+    _gemm_conv(as5(x), wmat, bias, as5(out), ws, g, act, residual, post, pack=True)
     return out
 
 
@@ -401,18 +722,41 @@ def conv_direct(x, w, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post
 
 def conv_transpose(x, wt, bias, out, ws, g, group=1):
     """ConvTranspose: per image cols[K/group * taps, S_in] = W_g^T @ X_g (one batched GEMM over
-    groups), then col2im with the bias. wt: (group, K/group * taps, C/group)."""
+    groups), then col2im with the bias. wt: (group, K/group * taps, C/group). One task per image
+    and block of output channels (whole groups when group > 1)."""
     x5, out5 = as5(x), as5(out)
     n_batch, channels = x5.shape[:2]
     in_spatial = x5.shape[2:]
     positions = int(np.prod(in_spatial))
-    rows = wt.shape[0] * wt.shape[1]
-    cols = ws[:rows * positions].reshape(group, rows // group, positions)
+    k_out = out5.shape[1]
+    taps = g[0] * g[1] * g[2]
     bias = NO_BIAS if bias is None else bias
-    for n in range(n_batch):
-        xn = contiguous(x5[n]).reshape(group, channels // group, positions)
-        np.matmul(wt, xn, out=cols)
-        target = Target(out5, n, n + 1)
-        col2im(cols.reshape(rows, *in_spatial), target.array[0], g, in_spatial, bias)
-        target.done()
+    workers = threads()
+    kparts = 1 if group > 1 else max(1, min(k_out, -(-workers // n_batch)))
+    k_block = -(-k_out // kparts)
+    per_slot = k_block * taps * positions
+    buf = scratch(ws, workers * per_slot)
+    xs = [contiguous(x5[n]).reshape(group, channels // group, positions) for n in range(n_batch)]
+    direct_out = out5[0].flags.c_contiguous
+    target = out5 if direct_out else np.empty(out5.shape, np.float32)
+
+    def task(slot, index):
+        n, part = divmod(index, kparts)
+        k0 = part * k_block
+        k1 = min(k_out, k0 + k_block)
+        if k0 >= k1:
+            return
+        rows = (k1 - k0) * taps
+        cols = buf[slot * per_slot:slot * per_slot + rows * positions]
+        if group > 1:
+            np.matmul(wt, xs[n], out=cols.reshape(group, rows // group, positions))
+        else:
+            np.matmul(wt[0, k0 * taps:k1 * taps], xs[n][0], out=cols.reshape(rows, positions))
+        col2im(cols.reshape((rows,) + in_spatial), target[n, k0:k1], g, in_spatial,
+               bias[k0:k1] if bias.shape[0] else bias)
+
+    with serial_blas():
+        run_tasks(task, n_batch * kparts, workers)
+    if not direct_out:
+        out5[...] = target
     return out

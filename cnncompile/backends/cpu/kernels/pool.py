@@ -7,12 +7,15 @@ carries ceil_mode, so a kernel compiles once per dtype and layout. Work is split
 planes; each kernel has a ``_serial`` twin that the emitter picks for small work, where a
 parallel launch costs more than it saves (and compiles three times slower).
 
-The value kernels run row by row: for each (depth, height) tap of an output row, one loop over
-the output columns whose windows lie inside the input reads the input row at a fixed stride (1
-and 2 spelled out, so that LLVM vectorises them with interleaved loads), and only the few border
-columns take the bounds-checked path. Padding never wins a maximum and adds nothing to a sum;
-average pooling's divisor is counted per axis. MaxPool's Indices output has its own element-wise
-kernel (``max_pool_indices``), compiled only by the models that ask for it.
+The value kernels are separable, per output row: first the window's (depth, height) taps are
+reduced row against row into a line buffer (unit-stride loops over whole input rows), then the
+window along the line gives the output row (3-wide windows with strides 1 and 2, and 2x2/s2,
+spelled out). The line is padded on both sides with what never wins (-inf or the integer minimum
+for max, 0 for sums), wide enough for pads and ceil_mode's extra room, so no loop needs a bounds
+check; indices are unsigned, which spares Numba's wraparound of negative indices (the loops then
+vectorise without views). Sums run in float64; average pooling's divisor is counted per axis.
+MaxPool's Indices output has its own element-wise kernel (``max_pool_indices``), compiled only
+by the models that ask for it.
 """
 
 from __future__ import annotations
@@ -44,17 +47,6 @@ def _tap_range(start, size, kernel, dilation):
 
 
 @njit(cache=True, inline="always")
-def _inner_columns(w_in, w_out, kernel, stride, dilation, pad):
-    """Output columns [lo, hi) whose windows lie inside the input."""
-    lo = (pad + stride - 1) // stride
-    last = w_in - 1 - (kernel - 1) * dilation + pad  # the largest start, shifted by pad
-    hi = last // stride + 1 if last >= 0 else 0
-    lo = min(lo, w_out)
-    hi = min(hi, w_out)
-    return lo, max(hi, lo)
-
-
-@njit(cache=True, inline="always")
 def _clip(value, size):
     return min(max(value, 0), size - 1)
 
@@ -67,76 +59,98 @@ def _take_max(best, v):
 
 
 @njit(cache=True, inline="always")
-def _row_max(acc, row, lo, hi, stride, offset):
-    """acc[o] = max(acc[o], row[o * stride + offset]) for o in [lo, hi); all reads in range.
-    The max(..., 0) are no-ops that tell LLVM the indices are not negative: it then drops
-    Numba's wraparound of negative indices and vectorises."""
-    lo = max(lo, 0)
-    base = max(lo * stride + offset, 0)
-    if stride == 1:
-        for o in range(hi - lo):
-            acc[lo + o] = _take_max(acc[lo + o], row[base + o])
-    elif stride == 2:
-        for o in range(hi - lo):
-            acc[lo + o] = _take_max(acc[lo + o], row[base + 2 * o])
+def _u(i):
+    """An unsigned index: Numba skips the wraparound of negative indices for it, so the loops
+    need no views (views cost reference counting) and stay free of selects (they vectorise)."""
+    return np.uint64(i)
+
+
+@njit(cache=True, inline="always")
+def _line_length(w_in, w_out, kernel, stride, dilation, pad):
+    """Length of the padded line the column pass reads: input, pads, and ceil_mode's room."""
+    return max((w_out - 1) * stride + (kernel - 1) * dilation + 1, pad + w_in)
+
+
+@njit(cache=True, inline="always")
+def _columns_max(line, out, w_out, kernel, stride, dilation):
+    """out[o] = max over taps e of line[o * stride + e * dilation] (line padded: no borders);
+    3-wide windows with strides 1 and 2 in one pass, the rest one pass per tap."""
+    if kernel == 3 and dilation == 1 and stride == 2:
+        for o in range(w_out):
+            j = _u(2 * o)
+            out[o] = _take_max(_take_max(line[j], line[j + _u(1)]), line[j + _u(2)])
+    elif kernel == 3 and dilation == 1 and stride == 1:
+        for o in range(w_out):
+            j = _u(o)
+            out[o] = _take_max(_take_max(line[j], line[j + _u(1)]), line[j + _u(2)])
+    elif kernel == 2 and dilation == 1 and stride == 2:
+        for o in range(w_out):
+            j = _u(2 * o)
+            out[o] = _take_max(line[j], line[j + _u(1)])
     else:
-        stride = max(stride, 1)
-        for o in range(hi - lo):
-            acc[lo + o] = _take_max(acc[lo + o], row[base + o * stride])
+        for o in range(w_out):
+            out[o] = line[_u(o * stride)]
+        for e in range(1, kernel):
+            for o in range(w_out):
+                out[o] = _take_max(out[o], line[_u(o * stride + e * dilation)])
 
 
 @njit(cache=True, inline="always")
-def _border_max(best, row, ow, size, kernel, stride, dilation, pad):
-    """The maximum of acc and the in-range taps of a column whose window crosses the border."""
-    w0 = ow * stride - pad
-    lo, hi = _tap_range(w0, size, kernel, dilation)
-    for kw in range(lo, hi):
-        best = _take_max(best, row[w0 + kw * dilation])
-    return best
-
-
-@njit(cache=True, inline="always")
-def _max_plane(x, y, plane, kernel, strides, dilations, pads, lowest):
-    """One (n, c) plane of max_pool."""
+def _max_plane(x, y, plane, kernel, strides, dilations, pads, lowest, line):
+    """One (n, c) plane of max_pool, separably: per output row, the maximum over the window's
+    (depth, height) rows into ``line`` (a row padded with ``lowest`` on both sides, unit-stride
+    loops), then the window maximum along it into the output row."""
     channels, d_in, h_in, w_in = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
     d_out, h_out, w_out = y.shape[2], y.shape[3], y.shape[4]
-    lo, hi = _inner_columns(w_in, w_out, kernel[2], strides[2], dilations[2], pads[2])
     n = plane // channels
     c = plane - n * channels
+    pw = pads[2]
+    for j in range(line.shape[0]):
+        line[j] = lowest
     for od in range(d_out):
         d0 = od * strides[0] - pads[0]
         dlo, dhi = _tap_range(d0, d_in, kernel[0], dilations[0])
         for oh in range(h_out):
             h0 = oh * strides[1] - pads[1]
             hlo, hhi = _tap_range(h0, h_in, kernel[1], dilations[1])
-            acc = y[n, c, od, oh]
-            acc[:] = lowest
+            if dhi <= dlo or hhi <= hlo:
+                for j in range(w_in):
+                    line[_u(pw + j)] = lowest
+            first = True
             for kd in range(dlo, dhi):
                 for kh in range(hlo, hhi):
                     row = x[n, c, d0 + kd * dilations[0], h0 + kh * dilations[1]]
-                    for kw in range(kernel[2]):
-                        _row_max(acc, row, lo, hi, strides[2], kw * dilations[2] - pads[2])
-                    for ow in range(lo):
-                        acc[ow] = _border_max(acc[ow], row, ow, w_in, kernel[2], strides[2],
-                                              dilations[2], pads[2])
-                    for ow in range(hi, w_out):
-                        acc[ow] = _border_max(acc[ow], row, ow, w_in, kernel[2], strides[2],
-                                              dilations[2], pads[2])
+                    if first:
+                        for j in range(w_in):
+                            line[_u(pw + j)] = row[j]
+                        first = False
+                    else:
+                        for j in range(w_in):
+                            at = _u(pw + j)
+                            line[at] = _take_max(line[at], row[j])
+            _columns_max(line, y[n, c, od, oh], w_out, kernel[2], strides[2], dilations[2])
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def max_pool(x, y, kernel, strides, dilations, pads, lowest):
     """y = window maximum over 5-D x (NaN wins); ``lowest`` (-inf in x's dtype, or the dtype's
     minimum for integers) is what an all-padding window gives."""
-    for plane in prange(x.shape[0] * x.shape[1]):
-        _max_plane(x, y, plane, kernel, strides, dilations, pads, lowest)
+    size = _line_length(x.shape[4], y.shape[4], kernel[2], strides[2], dilations[2], pads[2])
+    planes = x.shape[0] * x.shape[1]
+    per_job = max(1, min(-(-4096 // (y.shape[2] * y.shape[3] * y.shape[4])), -(-planes // 16)))
+    for job in prange(-(-planes // per_job)):
+        line = np.empty(size, x.dtype)
+        for plane in range(job * per_job, min(planes, (job + 1) * per_job)):
+            _max_plane(x, y, plane, kernel, strides, dilations, pads, lowest, line)
 
 
 @njit(cache=True, error_model="numpy")
 def max_pool_serial(x, y, kernel, strides, dilations, pads, lowest):
     """max_pool on one thread, for work too small to pay for a parallel launch."""
+    line = np.empty(_line_length(x.shape[4], y.shape[4], kernel[2], strides[2], dilations[2],
+                                 pads[2]), x.dtype)
     for plane in range(x.shape[0] * x.shape[1]):
-        _max_plane(x, y, plane, kernel, strides, dilations, pads, lowest)
+        _max_plane(x, y, plane, kernel, strides, dilations, pads, lowest, line)
 
 
 @njit(cache=True, error_model="numpy")
@@ -199,23 +213,6 @@ def _power(v, p):
 
 
 @njit(cache=True, inline="always")
-def _row_sum(acc, row, lo, hi, stride, offset, p):
-    """acc[o] += |row[o * stride + offset]| ** p for o in [lo, hi) (see _row_max)."""
-    lo = max(lo, 0)
-    base = max(lo * stride + offset, 0)
-    if stride == 1 and p == 0:
-        for o in range(hi - lo):
-            acc[lo + o] += row[base + o]
-    elif stride == 2 and p == 0:
-        for o in range(hi - lo):
-            acc[lo + o] += row[base + 2 * o]
-    else:
-        stride = max(stride, 1)
-        for o in range(hi - lo):
-            acc[lo + o] += _power(np.float64(row[base + o * stride]), p)
-
-
-@njit(cache=True, inline="always")
 def _counted(start, size, kernel, dilation, pad_begin, pad_end, include_pad):
     """Taps that average pooling divides by along one axis: those inside the input, or inside
     input and pads (not the room ceil_mode adds) with count_include_pad."""
@@ -227,24 +224,41 @@ def _counted(start, size, kernel, dilation, pad_begin, pad_end, include_pad):
 
 
 @njit(cache=True, inline="always")
-def _border_sum(row, ow, size, kernel, stride, dilation, pad, p):
-    w0 = ow * stride - pad
-    lo, hi = _tap_range(w0, size, kernel, dilation)
-    total = 0.0
-    for kw in range(lo, hi):
-        total += _power(np.float64(row[w0 + kw * dilation]), p)
-    return total
+def _columns_sum(line, acc, w_out, kernel, stride, dilation):
+    """acc[o] = sum over taps e of line[o * stride + e * dilation] (line zero-padded)."""
+    if kernel == 3 and dilation == 1 and stride == 1:
+        for o in range(w_out):
+            j = _u(o)
+            acc[o] = line[j] + line[j + _u(1)] + line[j + _u(2)]
+    elif kernel == 3 and dilation == 1 and stride == 2:
+        for o in range(w_out):
+            j = _u(2 * o)
+            acc[o] = line[j] + line[j + _u(1)] + line[j + _u(2)]
+    elif kernel == 2 and dilation == 1 and stride == 2:
+        for o in range(w_out):
+            j = _u(2 * o)
+            acc[o] = line[j] + line[j + _u(1)]
+    else:
+        for o in range(w_out):
+            acc[o] = line[_u(o * stride)]
+        for e in range(1, kernel):
+            for o in range(w_out):
+                acc[o] += line[_u(o * stride + e * dilation)]
 
 
 @njit(cache=True, inline="always")
-def _sum_plane(x, y, plane, kernel, strides, dilations, pads, pad_ends, p, include_pad, counts):
-    """One (n, c) plane of sum_pool; counts: the divisor of each output column."""
+def _sum_plane(x, y, plane, kernel, strides, dilations, pads, pad_ends, p, include_pad, counts,
+               line, acc):
+    """One (n, c) plane of sum_pool, separably as _max_plane: per output row the sum of |x|^p
+    over the window's (depth, height) rows into the zero-padded float64 ``line``, then the
+    window sums along it into ``acc`` (w_out), scaled (averages) or rooted (Lp) into y."""
     channels, d_in, h_in, w_in = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
     d_out, h_out, w_out = y.shape[2], y.shape[3], y.shape[4]
-    lo, hi = _inner_columns(w_in, w_out, kernel[2], strides[2], dilations[2], pads[2])
     n = plane // channels
     c = plane - n * channels
-    acc = np.empty(w_out)
+    pw = pads[2]
+    for j in range(line.shape[0]):
+        line[j] = 0.0
     for od in range(d_out):
         d0 = od * strides[0] - pads[0]
         dlo, dhi = _tap_range(d0, d_in, kernel[0], dilations[0])
@@ -254,18 +268,22 @@ def _sum_plane(x, y, plane, kernel, strides, dilations, pads, pad_ends, p, inclu
             hlo, hhi = _tap_range(h0, h_in, kernel[1], dilations[1])
             hcount = _counted(h0, h_in, kernel[1], dilations[1], pads[1], pad_ends[1],
                               include_pad)
-            acc[:] = 0.0
+            for j in range(w_in):
+                line[_u(pw + j)] = 0.0
             for kd in range(dlo, dhi):
                 for kh in range(hlo, hhi):
                     row = x[n, c, d0 + kd * dilations[0], h0 + kh * dilations[1]]
-                    for kw in range(kernel[2]):
-                        _row_sum(acc, row, lo, hi, strides[2], kw * dilations[2] - pads[2], p)
-                    for ow in range(lo):
-                        acc[ow] += _border_sum(row, ow, w_in, kernel[2], strides[2],
-                                               dilations[2], pads[2], p)
-                    for ow in range(hi, w_out):
-                        acc[ow] += _border_sum(row, ow, w_in, kernel[2], strides[2],
-                                               dilations[2], pads[2], p)
+                    if p == 0:
+                        for j in range(w_in):
+                            line[_u(pw + j)] += row[j]
+                    elif p == 2:
+                        for j in range(w_in):
+                            v = np.float64(row[j])
+                            line[_u(pw + j)] += v * v
+                    else:
+                        for j in range(w_in):
+                            line[_u(pw + j)] += _power(np.float64(row[j]), p)
+            _columns_sum(line, acc, w_out, kernel[2], strides[2], dilations[2])
             out = y[n, c, od, oh]
             if p == 0:
                 scale = 1.0 / (dcount * hcount)
@@ -291,9 +309,15 @@ def sum_pool(x, y, kernel, strides, dilations, pads, pad_ends, p, include_pad):
     (sum |x|^p)^(1/p). Sums run in float64; padding adds nothing."""
     counts = _column_counts(x.shape[4], y.shape[4], kernel[2], strides[2], dilations[2],
                             pads[2], pad_ends[2], include_pad)
-    for plane in prange(x.shape[0] * x.shape[1]):
-        _sum_plane(x, y, plane, kernel, strides, dilations, pads, pad_ends, p, include_pad,
-                   counts)
+    size = _line_length(x.shape[4], y.shape[4], kernel[2], strides[2], dilations[2], pads[2])
+    planes = x.shape[0] * x.shape[1]
+    per_job = max(1, min(-(-4096 // (y.shape[2] * y.shape[3] * y.shape[4])), -(-planes // 16)))
+    for job in prange(-(-planes // per_job)):
+        line = np.empty(size)
+        acc = np.empty(y.shape[4])
+        for plane in range(job * per_job, min(planes, (job + 1) * per_job)):
+            _sum_plane(x, y, plane, kernel, strides, dilations, pads, pad_ends, p, include_pad,
+                       counts, line, acc)
 
 
 @njit(cache=True, error_model="numpy")
@@ -301,9 +325,12 @@ def sum_pool_serial(x, y, kernel, strides, dilations, pads, pad_ends, p, include
     """sum_pool on one thread."""
     counts = _column_counts(x.shape[4], y.shape[4], kernel[2], strides[2], dilations[2],
                             pads[2], pad_ends[2], include_pad)
+    line = np.empty(_line_length(x.shape[4], y.shape[4], kernel[2], strides[2], dilations[2],
+                                 pads[2]))
+    acc = np.empty(y.shape[4])
     for plane in range(x.shape[0] * x.shape[1]):
         _sum_plane(x, y, plane, kernel, strides, dilations, pads, pad_ends, p, include_pad,
-                   counts)
+                   counts, line, acc)
 
 
 @njit(cache=True, inline="always")

@@ -2,15 +2,22 @@
 
 The math is ``cnncompile/ops/winograd.py``'s (Lavin & Gray): Y = A^T [U * (B^T d B)] A per
 m x m output tile. The filter transform U is done at compile time (``transform_weights``, float64,
-laid out [alpha^2, K, C] for the GEMM). Per call, for a block of images:
+laid out [alpha^2, K, C] for the GEMM). A call runs three steps on a set of tiles:
 
 1. ``input_f2`` / ``input_f4``: V[alpha^2, C, tiles] = B^T d B. Per channel, each input row
    gets its pads (partial edge tiles read zeros) and the transform along x; the pass along y then
    runs as long flat loops over all tiles;
-2. one batched GEMM through NumPy's BLAS: M[alpha^2, K, tiles] = U @ V;
+2. a batched GEMM through NumPy's BLAS: M[alpha^2, K, tiles] = U @ V;
 3. ``output_f2`` / ``output_f4``: Y = A^T M A on blocks of output channels (flat loops again),
    interleaved back into the output rows, cropped at the edges, with the epilogue (bias,
-   activation, residual, post activation) while the plane is in cache.
+   activation, residual, post activation) while the rows are in cache.
+
+The kernels are serial; ``conv_winograd`` shares the work between threads as tasks (conv.py's
+``run_tasks``, single-threaded BLAS), in one of two ways (``plan``): large images in bands of
+tile rows, each band all three steps in its thread's own L2-sized scratch (U-Net's 256x256
+layers ran 1.3-2.2x faster single-threaded than with the whole image's V and M at once); small
+images (14x14, 7x7) in blocks of images, step 1 split by channels, then steps 2-3 by ranges of
+output channels, so that each thread reads only its part of U.
 
 Flat loops matter: Numba's loops over a 7..14-tile row barely vectorise, and every call that
 passes arrays to a function Numba does not inline costs reference counting; both were measured.
@@ -23,17 +30,22 @@ inside the 1e-4 the CPU target is held to.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ....ops.winograd import transform_filter
-from .conv import NO_ACT, NO_BIAS, Target, contiguous, epilogue_args
-from .epilogue import RELU, activation_row
+from .conv import (NO_ACT, NO_BIAS, contiguous, epilogue_args, run_tasks, scratch, serial_blas,
+                   threads)
+from .epilogue import NONE, RELU, activation_row
 
 _EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
-#: an image with at least this many tiles is transformed and multiplied on its own...
-ALONE_TILES = 48
-#: ...smaller ones in blocks of about this many tiles
+#: bytes of one band's transformed input and GEMM result (V and M): most of a core's L2
+BAND_BYTES = 3 << 19
+#: bands of fewer tiles than this make GEMMs too short: such images go whole, in image blocks
+#: (single-threaded, 56x56 64-channel F(4x4) layers ran 25% slower in bands of 70 tiles)
+MIN_BAND_TILES = 128
+#: images of an image block: about this many tiles, so that the GEMMs have enough columns
 BLOCK_TILES = 128
 
 
@@ -49,23 +61,38 @@ def tiles(out_h: int, out_w: int, m: int) -> tuple[int, int]:
     return -(-out_h // m), -(-out_w // m)
 
 
-def block_images(n_batch: int, channels: int, k_out: int, out_h: int, out_w: int, m: int) -> int:
-    """Images per block. Images with many tiles go one at a time (V and M stay in cache); small
-    ones are grouped up to ~BLOCK_TILES tiles, so that the GEMMs have enough columns. Measured
-    single-threaded at batch 8: 56x56 and 28x28 layers are fastest one image at a time, 14x14
-    and 7x7 ones with the whole batch (10-25% either way)."""
+def plan(n_batch: int, channels: int, k_out: int, out_h: int, out_w: int, m: int,
+         workers: int) -> tuple:
+    """How conv_winograd splits a call, and the float32 scratch it needs:
+
+    * ("bands", band_rows, bands, size): each task one band of tile rows of one image: its
+      input transform, GEMMs and output transform in the task's own scratch, sized to stay in
+      its core's L2 (U-Net's 256x256 layers: 16K tiles an image);
+    * ("blocks", nb, kparts, size): for images with few tiles (14x14, 7x7 outputs), blocks of nb
+      images: the input transform (a task per image and channel range), then one task per
+      range of output channels: its GEMMs (the weights read once for the block) and output
+      transform."""
+    alpha2 = (m + 2) ** 2
     th, tw = tiles(out_h, out_w, m)
-    per_image = th * tw
-    if per_image >= ALONE_TILES:
-        return 1
-    return max(1, min(n_batch, -(-BLOCK_TILES // per_image)))
+    budget = max(1, BAND_BYTES // (4 * alpha2 * (channels + k_out)))
+    band_rows = max(1, min(th, round(budget / tw)))
+    bands = -(-th // band_rows)
+    if n_batch * bands < workers:
+        bands = min(th, -(-workers // n_batch))
+    band_rows = -(-th // bands)
+    bands = -(-th // band_rows)
+    if band_rows * tw >= MIN_BAND_TILES:
+        return "bands", band_rows, bands, workers * alpha2 * (channels + k_out) * band_rows * tw
+    nb = max(1, min(n_batch, -(-BLOCK_TILES // (th * tw))))
+    kparts = max(1, min(workers, k_out // 8))
+    k_block = -(-k_out // kparts)
+    count = nb * th * tw
+    return "blocks", nb, kparts, alpha2 * count * (channels + workers * k_block)
 
 
 def scratch_size(n_batch: int, channels: int, k_out: int, out_h: int, out_w: int, m: int) -> int:
-    """float32 elements of scratch for ``conv_winograd`` (V and M of one block)."""
-    th, tw = tiles(out_h, out_w, m)
-    nb = block_images(n_batch, channels, k_out, out_h, out_w, m)
-    return (m + 2) ** 2 * (channels + k_out) * nb * th * tw
+    """float32 elements of scratch for ``conv_winograd``."""
+    return plan(n_batch, channels, k_out, out_h, out_w, m, numba.config.NUMBA_NUM_THREADS)[3]
 
 
 @njit(inline="always", cache=True)
@@ -83,9 +110,10 @@ def _padded_row(row, x, n, c, iy, left):
         row[i] = 0
 
 
-@njit(parallel=True, cache=True)
-def input_f4(x, v, th, tw, top, left):
-    """V[36, C, nb * th * tw] = B^T d B for F(4x4,3x3) of x (nb, C, H, W) with its pads.
+@njit(nogil=True, cache=True)
+def input_f4(x, v, th, tw, top, left, c0, t0):
+    """V[36, c0 + c, t0 + tiles] = B^T d B for F(4x4,3x3) of x (nb, C, H, W) with its pads
+(channel c, tiles n * th * tw + ...): th tile rows from input row -top on.
 
     Per channel: first along x for every padded input row (the strided, per-row part), written
     with rows split by phase (y = 4 qy + ry) so that the pass along y is one long flat loop per
@@ -95,11 +123,11 @@ def input_f4(x, v, th, tw, top, left):
     count = th * tw
     four, five = np.float32(4), np.float32(5)
     two = np.float32(2)
-    for job in prange(nb * channels):
+    row = np.empty(4 * tw + 2, np.float32)
+    u = np.empty((6, 4, hq, tw), np.float32)
+    for job in range(nb * channels):
         n = job // channels
         c = job % channels
-        row = np.empty(4 * tw + 2, np.float32)
-        u = np.empty((6, 4, hq, tw), np.float32)
         for y in range(4 * hq):
             ry = y % 4
             qy = y // 4
@@ -121,15 +149,16 @@ def input_f4(x, v, th, tw, top, left):
                 u3[tx] = two * (e3 - e1) - e2 + e4
                 u4[tx] = two * (e1 - e3) - e2 + e4
                 u5[tx] = four * e1 - five * e3 + e5
-        base = n * count
+        base = t0 + n * count
+        vc = c0 + c
         for j in range(6):
             p0, p1 = u[j, 0].reshape(-1), u[j, 1].reshape(-1)
             p2, p3 = u[j, 2].reshape(-1), u[j, 3].reshape(-1)
             d0, d1, d2, d3 = p0[:count], p1[:count], p2[:count], p3[:count]
             d4, d5 = p0[tw:tw + count], p1[tw:tw + count]
-            v0, v1 = v[j, c, base:base + count], v[6 + j, c, base:base + count]
-            v2, v3 = v[12 + j, c, base:base + count], v[18 + j, c, base:base + count]
-            v4, v5 = v[24 + j, c, base:base + count], v[30 + j, c, base:base + count]
+            v0, v1 = v[j, vc, base:base + count], v[6 + j, vc, base:base + count]
+            v2, v3 = v[12 + j, vc, base:base + count], v[18 + j, vc, base:base + count]
+            v4, v5 = v[24 + j, vc, base:base + count], v[30 + j, vc, base:base + count]
             for t in range(count):
                 a0, a1, a2, a3, a4, a5 = d0[t], d1[t], d2[t], d3[t], d4[t], d5[t]
                 v0[t] = four * a0 - five * a2 + a4
@@ -140,17 +169,17 @@ def input_f4(x, v, th, tw, top, left):
                 v5[t] = four * a1 - five * a3 + a5
 
 
-@njit(parallel=True, cache=True)
-def input_f2(x, v, th, tw, top, left):
-    """V[16, C, nb * th * tw] = B^T d B for F(2x2,3x3); organised as input_f4."""
+@njit(nogil=True, cache=True)
+def input_f2(x, v, th, tw, top, left, c0, t0):
+    """V[16, c0 + c, t0 + tiles] = B^T d B for F(2x2,3x3); organised as input_f4."""
     nb, channels, height = x.shape[0], x.shape[1], x.shape[2]
     hq = th + 1
     count = th * tw
-    for job in prange(nb * channels):
+    row = np.empty(2 * tw + 2, np.float32)
+    u = np.empty((4, 2, hq, tw), np.float32)
+    for job in range(nb * channels):
         n = job // channels
         c = job % channels
-        row = np.empty(2 * tw + 2, np.float32)
-        u = np.empty((4, 2, hq, tw), np.float32)
         for y in range(2 * hq):
             ry = y % 2
             qy = y // 2
@@ -168,12 +197,13 @@ def input_f2(x, v, th, tw, top, left):
                 u1[tx] = e1 + e2
                 u2[tx] = e2 - e1
                 u3[tx] = e1 - e3
-        base = n * count
+        base = t0 + n * count
+        vc = c0 + c
         for j in range(4):
             p0, p1 = u[j, 0].reshape(-1), u[j, 1].reshape(-1)
             d0, d1, d2, d3 = p0[:count], p1[:count], p0[tw:tw + count], p1[tw:tw + count]
-            v0, v1 = v[j, c, base:base + count], v[4 + j, c, base:base + count]
-            v2, v3 = v[8 + j, c, base:base + count], v[12 + j, c, base:base + count]
+            v0, v1 = v[j, vc, base:base + count], v[4 + j, vc, base:base + count]
+            v2, v3 = v[8 + j, vc, base:base + count], v[12 + j, vc, base:base + count]
             for t in range(count):
                 a0, a1, a2, a3 = d0[t], d1[t], d2[t], d3[t]
                 v0[t] = a0 - a2
@@ -186,7 +216,7 @@ def input_f2(x, v, th, tw, top, left):
 def _interleave(dst, row, q0, q1, q2, q3, phases, b, relu):
     """dst = row + b (relu'd when asked), row[phases * tx + c] = q_c[tx]: a tile row put back
     together. Interleaving into a private buffer first measured 2x faster than writing the
-    output view directly."""
+    output view directly (and a version that applied the whole epilogue here, 2x slower)."""
     full = -(-dst.shape[0] // phases)
     if phases == 4:
         for tx in range(full):
@@ -209,38 +239,48 @@ def _interleave(dst, row, q0, q1, q2, q3, phases, b, relu):
 
 
 @njit(inline="always", cache=True)
-def _plane_epilogue(plane, code, params, res, has_res, post_code, post_params):
-    """The rest of the epilogue on one output plane (flattened): called once per plane, since a
-    call per row (arrays passed to a function Numba does not inline) costs more than the row."""
-    if code != RELU:
-        activation_row(plane, code, params)
+def _row_rest(dst, code, params, res, has_res, post_code, post_params):
+    """The rest of the epilogue on one output row after _interleave: an activation other than
+    Relu (a call per row), the residual and the post activation."""
+    if code != RELU and code != NONE:
+        activation_row(dst, code, params)
     if has_res:
-        for i in range(plane.shape[0]):
-            plane[i] += res[i]
-        activation_row(plane, post_code, post_params)
+        zero = np.float32(0)
+        if post_code == RELU:
+            for i in range(dst.shape[0]):
+                v = dst[i] + res[i]
+                dst[i] = v if v > zero else zero
+        else:
+            for i in range(dst.shape[0]):
+                dst[i] += res[i]
+            activation_row(dst, post_code, post_params)
 
 
-@njit(parallel=True, cache=True)
-def output_f4(mm, out, bias, th, tw, kb, code, params, res, post_code, post_params):
-    """out (nb, K, OH, OW) = epilogue(A^T M A) for F(4x4,3x3); mm (36, K, nb * th * tw).
+@njit(nogil=True, cache=True)
+def output_f4(mm, out, bias, th, tw, kb, n0, k0, row0, code, params, res, post_code,
+              post_params):
+    """out[n0 + n, k0 + k, row0 + y] = epilogue(A^T M A) for F(4x4,3x3), for the nb images, kc
+    output channels and th tile rows (from output row row0) of mm (36, kc, nb * th * tw).
 
-    Jobs are blocks of kb output channels: M[p, k0:k1, :] is contiguous, so both passes of the
+    In blocks of kb output channels: M[p, k:k + kb, :] is contiguous, so both passes of the
     transform run as long flat loops (short per-tile-row loops would not vectorise); the result,
     one array per position in the tile, is interleaved into the output rows with the epilogue."""
-    nb, k_out, out_h, out_w = out.shape
-    count = mm.shape[2]
-    flat = mm.reshape(36, k_out * count)
+    kc, count = mm.shape[1], mm.shape[2]
+    nb = count // (th * tw)
+    rows = min(4 * th, out.shape[2] - row0)
+    flat = mm.reshape(36, kc * count)
     has_bias = bias.shape[0] != 0
     has_res = res.shape[0] != 0
+    relu = code == RELU
+    rest = has_res or not (relu or code == NONE)
     two, four, eight = np.float32(2), np.float32(4), np.float32(8)
-    for job in prange((k_out + kb - 1) // kb):
-        k0 = job * kb
-        k1 = min(k_out, k0 + kb)
-        lo = k0 * count
-        hi = k1 * count
-        s = np.empty((4, 6, hi - lo), np.float32)
-        yq = np.empty((4, 4, hi - lo), np.float32)
-        row = np.empty(4 * tw, np.float32)
+    s = np.empty((4, 6, kb * count), np.float32)
+    yq = np.empty((4, 4, kb * count), np.float32)
+    row = np.empty(4 * tw, np.float32)
+    for ka in range(0, kc, kb):
+        kz = min(kc, ka + kb)
+        lo = ka * count
+        hi = kz * count
         for col in range(6):
             m0, m1, m2 = flat[col, lo:hi], flat[6 + col, lo:hi], flat[12 + col, lo:hi]
             m3, m4, m5 = flat[18 + col, lo:hi], flat[24 + col, lo:hi], flat[30 + col, lo:hi]
@@ -260,36 +300,41 @@ def output_f4(mm, out, bias, th, tw, kb, code, params, res, post_code, post_para
                 y1[j] = c1 - c2 + two * (c3 - c4)
                 y2[j] = c1 + c2 + four * (c3 + c4)
                 y3[j] = c1 - c2 + eight * (c3 - c4) + c5
-        for k in range(k0, k1):
-            bk = bias[k] if has_bias else np.float32(0)
+        for k in range(ka, kz):
+            bk = bias[k0 + k] if has_bias else np.float32(0)
             for n in range(nb):
-                for y in range(out_h):
+                for y in range(rows):
                     r = y % 4
-                    at = (k - k0) * count + (n * th + y // 4) * tw
-                    _interleave(out[n, k, y], row, yq[r, 0, at:at + tw], yq[r, 1, at:at + tw],
-                                yq[r, 2, at:at + tw], yq[r, 3, at:at + tw], 4, bk, code == RELU)
-                plane = out[n, k].reshape(-1)
-                _plane_epilogue(plane, code, params, res[n, k].reshape(-1) if has_res else plane,
-                                has_res, post_code, post_params)
+                    at = (k - ka) * count + (n * th + y // 4) * tw
+                    dst = out[n0 + n, k0 + k, row0 + y]
+                    _interleave(dst, row, yq[r, 0, at:at + tw], yq[r, 1, at:at + tw],
+                                yq[r, 2, at:at + tw], yq[r, 3, at:at + tw], 4, bk, relu)
+                    if rest:
+                        _row_rest(dst, code, params,
+                                  res[n0 + n, k0 + k, row0 + y] if has_res else dst, has_res,
+                                  post_code, post_params)
 
 
-@njit(parallel=True, cache=True)
-def output_f2(mm, out, bias, th, tw, kb, code, params, res, post_code, post_params):
-    """out (nb, K, OH, OW) = epilogue(A^T M A) for F(2x2,3x3); mm (16, K, nb * th * tw);
-    organised as output_f4."""
-    nb, k_out, out_h, out_w = out.shape
-    count = mm.shape[2]
-    flat = mm.reshape(16, k_out * count)
+@njit(nogil=True, cache=True)
+def output_f2(mm, out, bias, th, tw, kb, n0, k0, row0, code, params, res, post_code,
+              post_params):
+    """out[n0 + n, k0 + k, row0 + y] = epilogue(A^T M A) for F(2x2,3x3); mm (16, kc,
+    nb * th * tw); organised as output_f4."""
+    kc, count = mm.shape[1], mm.shape[2]
+    nb = count // (th * tw)
+    rows = min(2 * th, out.shape[2] - row0)
+    flat = mm.reshape(16, kc * count)
     has_bias = bias.shape[0] != 0
     has_res = res.shape[0] != 0
-    for job in prange((k_out + kb - 1) // kb):
-        k0 = job * kb
-        k1 = min(k_out, k0 + kb)
-        lo = k0 * count
-        hi = k1 * count
-        s = np.empty((2, 4, hi - lo), np.float32)
-        yq = np.empty((2, 2, hi - lo), np.float32)
-        row = np.empty(2 * tw, np.float32)
+    relu = code == RELU
+    rest = has_res or not (relu or code == NONE)
+    s = np.empty((2, 4, kb * count), np.float32)
+    yq = np.empty((2, 2, kb * count), np.float32)
+    row = np.empty(2 * tw, np.float32)
+    for ka in range(0, kc, kb):
+        kz = min(kc, ka + kb)
+        lo = ka * count
+        hi = kz * count
         for col in range(4):
             m0, m1 = flat[col, lo:hi], flat[4 + col, lo:hi]
             m2, m3 = flat[8 + col, lo:hi], flat[12 + col, lo:hi]
@@ -305,17 +350,19 @@ def output_f2(mm, out, bias, th, tw, kb, code, params, res, post_code, post_para
                 c1, c2 = b1[j], b2[j]
                 y0[j] = b0[j] + c1 + c2
                 y1[j] = c1 - c2 - b3[j]
-        for k in range(k0, k1):
-            bk = bias[k] if has_bias else np.float32(0)
+        for k in range(ka, kz):
+            bk = bias[k0 + k] if has_bias else np.float32(0)
             for n in range(nb):
-                for y in range(out_h):
+                for y in range(rows):
                     r = y % 2
-                    at = (k - k0) * count + (n * th + y // 2) * tw
+                    at = (k - ka) * count + (n * th + y // 2) * tw
                     q0, q1 = yq[r, 0, at:at + tw], yq[r, 1, at:at + tw]
-                    _interleave(out[n, k, y], row, q0, q1, q1, q1, 2, bk, code == RELU)
-                plane = out[n, k].reshape(-1)
-                _plane_epilogue(plane, code, params, res[n, k].reshape(-1) if has_res else plane,
-                                has_res, post_code, post_params)
+                    dst = out[n0 + n, k0 + k, row0 + y]
+                    _interleave(dst, row, q0, q1, q1, q1, 2, bk, relu)
+                    if rest:
+                        _row_rest(dst, code, params,
+                                  res[n0 + n, k0 + k, row0 + y] if has_res else dst, has_res,
+                                  post_code, post_params)
 
 
 def channel_block(k_out: int, count: int) -> int:
@@ -325,31 +372,81 @@ def channel_block(k_out: int, count: int) -> int:
 
 def conv_winograd(x, u, bias, out, ws, m, pads, act=NO_ACT, residual=None, post=NO_ACT):
     """Winograd F(m x m, 3x3) of x (N, C, H, W) with u = transform_weights(w, m) into out
-    (N, K, OH, OW); pads (top, left, bottom, right) as ONNX orders them: (top, left, ...)."""
-    n_batch, channels, height, width = x.shape
+    (N, K, OH, OW); pads (top, left, bottom, right) as ONNX orders them: (top, left, ...). The
+    work is split into tasks for the drivers' threads as ``plan`` says."""
+    n_batch, channels = x.shape[0], x.shape[1]
     k_out, out_h, out_w = out.shape[1], out.shape[2], out.shape[3]
-    alpha = m + 2
+    alpha2 = (m + 2) ** 2
     th, tw = tiles(out_h, out_w, m)
     code, params = epilogue_args(act)
     post_code, post_params = epilogue_args(post)
     bias = NO_BIAS if bias is None else bias
-    step = block_images(n_batch, channels, k_out, out_h, out_w, m)
-    if not out.flags.c_contiguous:
-        step = 1
+    res = _EMPTY4 if residual is None else residual
+    top, left = pads[0], pads[1]
     forward, backward = (input_f4, output_f4) if m == 4 else (input_f2, output_f2)
-    for n0 in range(0, n_batch, step):
-        n1 = min(n_batch, n0 + step)
-        nb = n1 - n0
-        count = nb * th * tw
-        rest = ws
-        v = rest[:alpha * alpha * channels * count].reshape(alpha * alpha, channels, count)
-        mm = rest[v.size:v.size + alpha * alpha * k_out * count].reshape(alpha * alpha, k_out,
-                                                                          count)
-        forward(contiguous(x[n0:n1]), v, th, tw, pads[0], pads[1])
-        np.matmul(u, v, out=mm)
-        target = Target(out, n0, n1)
-        res = _EMPTY4 if residual is None else contiguous(residual[n0:n1])
-        backward(mm, target.array, bias, th, tw, channel_block(k_out, count), code, params, res,
-                 post_code, post_params)
-        target.done()
+    workers = threads()
+    mode, size, parts, need = plan(n_batch, channels, k_out, out_h, out_w, m, workers)
+    buf = scratch(ws, need)
+    images = [contiguous(x[n:n + 1]) for n in range(n_batch)]
+    # The kernels get C-contiguous image blocks only (one Numba signature): a strided out (a
+    # concat slice with N > 1) is contiguous one image at a time.
+    single = not out.flags.c_contiguous
+
+    def block(a, n0, n1):
+        return a if a.shape[0] == 0 else contiguous(a[n0:n1])
+    if mode == "bands":
+        band_rows, bands = size, parts
+        per_slot = alpha2 * (channels + k_out) * band_rows * tw
+
+        def band(slot, index):
+            n, b = divmod(index, bands)
+            ty0 = b * band_rows
+            rows = min(band_rows, th - ty0)
+            count = rows * tw
+            at = slot * per_slot
+            v = buf[at:at + alpha2 * channels * count].reshape(alpha2, channels, count)
+            at += v.size
+            mm = buf[at:at + alpha2 * k_out * count].reshape(alpha2, k_out, count)
+            forward(images[n], v, rows, tw, top - ty0 * m, left, 0, 0)
+            np.matmul(u, v, out=mm)
+            backward(mm, out[n:n + 1], bias, rows, tw, channel_block(k_out, count), 0, 0,
+                     ty0 * m, code, params, block(res, n, n + 1), post_code, post_params)
+
+        with serial_blas():
+            run_tasks(band, n_batch * bands, workers)
+        return out
+    nb, kparts = (1 if single else size), parts
+    k_block = -(-k_out // kparts)
+    per_image = th * tw
+    with serial_blas():
+        for n0 in range(0, n_batch, nb):
+            n1 = min(n_batch, n0 + nb)
+            count = (n1 - n0) * per_image
+            v = buf[:alpha2 * channels * count].reshape(alpha2, channels, count)
+            base = v.size
+            cparts = min(channels, max(1, -(-2 * workers // (n1 - n0))))
+            c_block = -(-channels // cparts)
+
+            def transform(slot, index, n0=n0, v=v):
+                n, part = divmod(index, cparts)
+                c0 = part * c_block
+                c1 = min(channels, c0 + c_block)
+                if c0 < c1:
+                    forward(contiguous(x[n0 + n:n0 + n + 1, c0:c1]), v, th, tw, top, left, c0,
+                            n * per_image)
+
+            def multiply(slot, index, n0=n0, v=v, count=count, base=base):
+                k0 = index * k_block
+                k1 = min(k_out, k0 + k_block)
+                if k0 >= k1:
+                    return
+                at = base + slot * alpha2 * k_block * count
+                mm = buf[at:at + alpha2 * (k1 - k0) * count].reshape(alpha2, k1 - k0, count)
+                np.matmul(u[:, k0:k1], v, out=mm)
+                backward(mm, out[n0:n0 + count // per_image], bias, th, tw,
+                         channel_block(k1 - k0, count), 0, k0, 0, code, params,
+                         block(res, n0, n0 + count // per_image), post_code, post_params)
+
+            run_tasks(transform, (n1 - n0) * cparts, workers)
+            run_tasks(multiply, kparts, workers)
     return out

@@ -1,0 +1,232 @@
+"""CPU emitters for training graphs: convolutions whose weights are graph inputs (``emit_conv``
+hands them here) and the gradient / training-mode ops (kernels/training.py).
+
+Weights that change every step cannot be packed at compile time: the kernels take W itself and
+use reshape views of it, or transform it at run time (Winograd's filter transform, the flipped
+kernel of a stride-1 input gradient) into the module's conv scratch buffer. Each emitter declines
+(returns False: the op's NumPy reference runs) what its kernel does not cover: dtypes other than
+float32, dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...ir.graph import Node
+from ...ops.pool import _window_counts
+from .codegen import Codegen
+from .conv_emitters import WINOGRAD_TILES, _act, choose_algorithm, workspace
+from .emitters import emits, literal
+from .kernels import training
+from .kernels.conv import geometry, scratch_size
+from .kernels.epilogue import UnsupportedActivation
+
+KERNELS = "cnncompile.backends.cpu.kernels.training"
+CONV = "cnncompile.backends.cpu.kernels.conv"
+FLOAT32 = np.dtype(np.float32)
+
+#: Winograd with the filter transformed every call pays on images with many tiles per filter
+#: element. Measured on ResNet-18's training layers at batch 8 (one thread, the machine shared):
+#: forward 64ch 28x28 F(2x2) 3.4 ms, F(4x4) 3.0 ms, im2col 5.8 ms; 128ch 14x14 F(2x2) 3.7 ms,
+#: F(4x4) 5.0 ms, im2col 6.5 ms; 256ch 7x7 im2col 4.0 ms, F(2x2) 7.1 ms; input gradients alike.
+#: F(2x2) only: F(4x4)'s larger rounding error (~2e-6 relative per conv) moved ResNet-18's
+#: batch-8 weight gradients by up to 1.4e-2 (relative L2; near-ties downstream amplify it),
+#: F(2x2)'s by 3e-6, as PyTorch's own convolutions do.
+WINOGRAD_MIN_POSITIONS = 14 * 14
+
+
+def _float32_static(values) -> bool:
+    return all(v.type.dtype == FLOAT32 and v.type.is_static for v in values if v is not None)
+
+
+def _geometry(attrs: dict, out_spatial) -> tuple:
+    rank = len(out_spatial)
+    return geometry(attrs["kernel_shape"], attrs.get("strides") or [1] * rank,
+                    attrs.get("dilations") or [1] * rank, attrs.get("pads") or [0] * (2 * rank),
+                    out_spatial)
+
+
+def _winograd_tile(out_spatial) -> int:
+    """m of the Winograd F(m x m, 3x3) to run with a run-time filter transform; 0: none."""
+    return 2 if int(np.prod(out_spatial)) >= WINOGRAD_MIN_POSITIONS else 0
+
+
+def emit_runtime_conv(node: Node, cg: Codegen):
+    """Conv / FusedConv / ConvTranspose whose W is not a constant (emit_conv calls this after its
+    dtype and shape checks)."""
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    r = node.inputs[3] if len(node.inputs) > 3 else None
+    y = node.outputs[0]
+    if not _float32_static([x, w, b, r, y]):
+        return False
+    try:
+        act = _act(node.attrs.get("activation", ""), node.attrs.get("activation_attrs"))
+        post = _act(node.attrs.get("post_activation", ""),
+                    node.attrs.get("post_activation_attrs"))
+    except UnsupportedActivation:
+        return False
+    attrs = node.attrs
+    g = _geometry(attrs, y.type.shape[2:])
+    group = attrs["group"]
+    bias = cg.arg(b)
+    if node.op == "ConvTranspose":
+        return _emit_runtime_transposed(node, cg, bias, g)
+    channels, k_out = x.type.shape[1], y.type.shape[1]
+    algorithm = choose_algorithm(node, channels, k_out)
+    epilogue = f"act={literal(act)}, residual={cg.arg(r)}, post={literal(post)}"
+    head = f"{cg.arg(x)}, {cg.arg(w)}, {bias}, {cg.dest(y)}"
+    out_spatial = y.type.shape[2:]
+    m = _winograd_tile(out_spatial) if algorithm in WINOGRAD_TILES else 0
+    if m:
+        ws = workspace(cg, training.winograd_runtime_size(x.type.shape[0], channels, k_out,
+                                                          *out_spatial, m))
+        call = cg.kernel(KERNELS, "conv_winograd_runtime")
+        cg.line(f"{call}({head}, {ws}, {m}, {tuple(attrs['pads'])!r}, {epilogue})")
+    elif algorithm == "direct" or algorithm == "depthwise":
+        w5 = f"{cg.arg(w)}.reshape({tuple(w.type.shape[:2]) + g[0:3]!r})"
+        ws = workspace(cg, scratch_size("direct", x.type.shape, w.type.shape, g))
+        call = cg.kernel(CONV, "conv_direct")
+        cg.line(f"{call}({cg.arg(x)}, {w5}, {bias}, {cg.dest(y)}, {ws}, {g!r}, group={group}, "
+                f"{epilogue})")
+    else:
+        ws = workspace(cg, training.batched_size(x.type.shape, k_out, g))
+        call = cg.kernel(KERNELS, "conv_batched")
+        cg.line(f"{call}({head}, {ws}, {g!r}, group={group}, {epilogue})")
+    return None
+
+
+def _emit_runtime_transposed(node: Node, cg: Codegen, bias: str, g: tuple) -> None:
+    """A stride-1 ConvTranspose (the input gradient of a stride-1 Conv) runs as the Conv of its
+    input with the flipped kernel (Winograd where it pays); others as GEMM + col2im."""
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    attrs = node.attrs
+    group = attrs["group"]
+    rank = x.type.rank - 2
+    strides = attrs.get("strides") or [1] * rank
+    dilations = attrs.get("dilations") or [1] * rank
+    pads = training.transpose_as_conv_pads(attrs["kernel_shape"], dilations,
+                                           attrs.get("pads") or [0] * (2 * rank),
+                                           attrs.get("output_padding") or [0] * rank)
+    channels, k_out = w.type.shape[0], y.type.shape[1]
+    if set(strides) == {1} and pads is not None:
+        conv_g = geometry(attrs["kernel_shape"], strides, dilations, pads, y.type.shape[2:])
+        taps = int(np.prod(attrs["kernel_shape"]))
+        flipped = k_out * (channels // group) * taps
+        square = list(attrs["kernel_shape"]) == [3, 3] and set(dilations) == {1}
+        m = _winograd_tile(y.type.shape[2:]) if square and group == 1 else 0
+        if m:
+            size = training.winograd_runtime_size(x.type.shape[0], channels, k_out,
+                                                  *y.type.shape[2:], m)
+        else:
+            size = training.batched_size(x.type.shape, k_out, conv_g)
+        ws = workspace(cg, flipped + size)
+        call = cg.kernel(KERNELS, "conv_transpose_as_conv")
+        cg.line(f"{call}({cg.arg(x)}, {cg.arg(w)}, {bias}, {cg.dest(y)}, {ws}, {conv_g!r}, "
+                f"group={group}, winograd={m}, pads={tuple(pads)!r})")
+        return None
+    ws = workspace(cg, training.transpose_batched_size(x.type.shape, w.type.shape, g,
+                                                              group))
+    call = cg.kernel(KERNELS, "conv_transpose_batched")
+    cg.line(f"{call}({cg.arg(x)}, {cg.arg(w)}, {bias}, {cg.dest(y)}, {ws}, {g!r}, "
+            f"group={group})")
+    return None
+
+
+@emits("ConvGradWeight")
+def emit_conv_grad_weight(node: Node, cg: Codegen):
+    x, dy = node.inputs
+    out = node.outputs[0]
+    if not _float32_static([x, dy, out]):
+        return False
+    g = _geometry(node.attrs, dy.type.shape[2:])
+    ws = workspace(cg, training.grad_weight_size(x.type.shape, dy.type.shape, g))
+    call = cg.kernel(KERNELS, "conv_grad_weight")
+    cg.line(f"{call}({cg.arg(x)}, {cg.arg(dy)}, {cg.dest(out)}, {ws}, {g!r}, "
+            f"group={node.attrs['group']})")
+    return None
+
+
+@emits("MaxPoolGrad")
+def emit_max_pool_grad(node: Node, cg: Codegen):
+    dy, x = node.inputs
+    dx = node.outputs[0]
+    if not _float32_static([dy, x, dx]):
+        return False
+    g = _geometry(node.attrs, dy.type.shape[2:])
+    call = cg.kernel(KERNELS, "max_pool_backward")
+    cg.line(f"{call}({cg.arg(dy)}, {cg.arg(x)}, {cg.dest(dx)}, {g!r})")
+    return None
+
+
+@emits("AveragePoolGrad")
+def emit_average_pool_grad(node: Node, cg: Codegen):
+    dy = node.inputs[0]
+    dx = node.outputs[0]
+    if not _float32_static([dy, dx]):
+        return False
+    attrs = node.attrs
+    rank = dy.type.rank - 2
+    g = _geometry(attrs, dy.type.shape[2:])
+    counts = _window_counts(list(dx.type.shape[2:]), attrs["kernel_shape"], g[3 + 3 - rank:6],
+                            g[6 + 3 - rank:9], attrs.get("pads") or [0] * (2 * rank),
+                            list(dy.type.shape[2:]), attrs["count_include_pad"])
+    scale = (1.0 / np.maximum(counts, 1)).astype(np.float32).reshape(g[12:15])
+    scale = cg.constant(scale, f"{node.name}_scale")
+    call = cg.kernel(KERNELS, "avg_pool_backward")
+    cg.line(f"{call}({cg.arg(dy)}, {scale}, {cg.dest(dx)}, {g!r})")
+    return None
+
+
+@emits("BatchNormTrain")
+def emit_batch_norm_train(node: Node, cg: Codegen):
+    if len(node.outputs) != 3 or not _float32_static(node.inputs + node.outputs):
+        return False
+    x, scale, b = node.inputs
+    y, mean, var = node.outputs
+    call = cg.kernel(KERNELS, "batchnorm_train_forward")
+    cg.line(f"{call}({cg.arg(x)}, {cg.arg(scale)}, {cg.arg(b)}, {cg.dest(y)}, {cg.dest(mean)}, "
+            f"{cg.dest(var)}, {literal(float(node.attrs['epsilon']))})")
+    return None
+
+
+@emits("BatchNormTrainGrad")
+def emit_batch_norm_train_grad(node: Node, cg: Codegen):
+    if len(node.outputs) != 3 or not _float32_static(node.inputs + node.outputs):
+        return False
+    inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
+    args = ", ".join(cg.arg(v) for v in inputs)
+    dests = ", ".join(cg.dest(v) for v in node.outputs)
+    call = cg.kernel(KERNELS, "batchnorm_train_backward")
+    cg.line(f"{call}({args}, {dests}, {literal(float(node.attrs['epsilon']))})")
+    return None
+
+
+#: ActivationGrad's activations with a Numba derivative: code and its two parameters' names and
+#: defaults (attrs of the forward op)
+ACTIVATION_GRADS = {
+    "Relu": (training.RELU, ()), "Relu6": (training.RELU6, ()),
+    "Clip": (training.CLIP, (("min", -np.inf), ("max", np.inf))),
+    "LeakyRelu": (training.LEAKY_RELU, (("alpha", 0.01),)),
+    "Sigmoid": (training.SIGMOID, ()), "Tanh": (training.TANH, ()),
+    "Elu": (training.ELU, (("alpha", 1.0),)), "HardSwish": (training.HARD_SWISH, ()),
+    "Silu": (training.SILU, ()),
+    "HardSigmoid": (training.HARD_SIGMOID, (("alpha", 0.2), ("beta", 0.5))),
+}
+
+
+@emits("ActivationGrad")
+def emit_activation_grad(node: Node, cg: Codegen):
+    dy, v = node.inputs
+    dx = node.outputs[0]
+    activation = node.attrs["activation"]
+    if activation not in ACTIVATION_GRADS or not _float32_static([dy, v, dx]):
+        return False
+    code, names = ACTIVATION_GRADS[activation]
+    given = node.attrs.get("activation_attrs") or {}
+    params = [float(default if given.get(k) is None else given[k]) for k, default in names]
+    params += [0.0] * (2 - len(params))
+    call = cg.kernel(KERNELS, "activation_backward")
+    cg.line(f"{call}({cg.arg(dy)}, {cg.arg(v)}, {cg.dest(dx)}, {code}, {literal(params[0])}, "
+            f"{literal(params[1])})")
+    return None

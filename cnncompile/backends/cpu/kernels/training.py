@@ -1,0 +1,750 @@
+"""Training kernels: convolutions whose weights arrive at run time, the gradient ops of the joint
+forward + backward graph, and the fused optimizer updates.
+
+In a training graph the weights are graph inputs (they change every step), so nothing can be
+re-laid out at compile time. The convolution drivers take W itself: an im2col GEMM reads W through
+a free reshape view; the transforms that are not free (Winograd's filter transform for
+winograd.conv_winograd, the flipped kernel of a stride-1 input gradient) are Numba passes over W,
+small next to the convolution. The im2col drivers put the whole batch's columns side by side, so
+that one wide GEMM serves every image (7x7 and 4x4 images give BLAS too narrow a product
+otherwise), and the weight gradient is one GEMM over the batch, not a sum of per-image ones.
+
+Convolutions run as rounds of tasks on conv.run_tasks (serial nogil Numba kernels and
+single-threaded BLAS, whoever is free taking the next task): on a shared machine a descheduled
+thread then delays a call by one task instead of stalling a static split (measured 3.6x slower
+than PyTorch with Numba's parallel loops and OpenBLAS's threads alternating, 0.6x with tasks, on
+the loaded 2-core machine). The memory-bound kernels (normalisation, pooling, activation
+gradients, optimizer updates) are Numba parallel loops.
+
+Shapes go through 5-D (N, C, D, H, W) views and conv.py's 15-int geometry tuple, so each kernel
+compiles once for 1-D, 2-D and 3-D.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .conv import run_tasks, serial_blas, threads
+from .epilogue import bias_activation
+from .winograd import conv_winograd
+from .winograd import scratch_size as winograd_scratch
+
+NO_ACT = (0, 0.0, 0.0)
+NO_BIAS = np.zeros(0, dtype=np.float32)
+_EMPTY3 = np.zeros((0, 0, 0), dtype=np.float32)
+#: Winograd's filter transform matrices G, as winograd.py's input and output transforms expect
+_F2_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_F4_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+
+
+# ---- shape helpers (conv.py's conventions, kept here so that its internals may change) ----------
+def as5(a: np.ndarray) -> np.ndarray:
+    """(N, C, spatial...) -> (N, C, D, H, W) view with unit leading spatial axes."""
+    return a.reshape(a.shape[:2] + (1,) * (5 - a.ndim) + a.shape[2:])
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+class Target:
+    """Where a kernel writes ``out``: out itself when contiguous, else a temporary that ``done``
+    copies back."""
+
+    def __init__(self, out: np.ndarray):
+        self.block = out
+        self.array = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
+
+    def done(self):
+        if self.array is not self.block:
+            self.block[...] = self.array
+
+
+def epilogue_args(act: tuple) -> tuple[int, np.ndarray]:
+    """(code, params) from the literal (code, p0, p1) the generated code passes."""
+    return int(act[0]), np.array(act[1:3], dtype=np.float64)
+
+
+def epilogue(y3, bias, act, residual, post) -> None:
+    """y3 (N, K, S) = post(act(y3 + bias) + residual) in place (epilogue.bias_activation)."""
+    if act[0] == 0 and post[0] == 0 and residual is None and bias is None:
+        return
+    code, params = epilogue_args(act)
+    post_code, post_params = epilogue_args(post)
+    res = _EMPTY3 if residual is None else planes(residual)
+    bias_activation(y3, y3, NO_BIAS if bias is None else bias, code, params, res, post_code,
+                    post_params)
+
+
+@njit(inline="always", cache=True)
+def _valid_range(count, stride, offset, size):
+    """[lo, hi): the o in [0, count) with 0 <= o * stride + offset < size."""
+    lo = 0
+    if offset < 0:
+        lo = (-offset + stride - 1) // stride
+    last = size - 1 - offset
+    hi = last // stride + 1 if last >= 0 else 0
+    hi = min(hi, count)
+    return min(lo, hi), hi
+
+
+# ---- work sharing --------------------------------------------------------------------------------
+# Each driver is a few rounds of tasks (conv.run_tasks: the caller and helper threads take the next
+# task when free; serial nogil Numba kernels and single-threaded BLAS inside), so that a helper
+# the shared machine deschedules delays a call by one task, not by a whole static share.
+
+#: GEMM tasks get at least this many rows of the product (thinner blocks starve BLAS)
+MIN_TASK_ROWS = 32
+
+
+def row_blocks(rows: int, group: int, workers: int) -> list[tuple[int, int]]:
+    """[(first, last)] rows of a (group * rows) product: each group split into about two blocks
+    per worker (so that a slow thread's share is small), none thinner than MIN_TASK_ROWS."""
+    parts = 1 if workers <= 1 else max(1, min(-(-2 * workers // group), rows // MIN_TASK_ROWS))
+    step = -(-rows // parts)
+    return [(q * rows + r, q * rows + min(rows, r + step)) for q in range(group)
+            for r in range(0, rows, step)]
+
+
+def padded_shape(g) -> tuple[int, int, int]:
+    """(Dp, Hp, Wp): the padded extent every output position's window reads."""
+    return tuple((g[12 + i] - 1) * g[3 + i] + (g[i] - 1) * g[6 + i] + 1 for i in range(3))
+
+
+def columns_scratch(x_shape, g) -> int:
+    """float32 elements of the padded images im2col_image needs: one per possible thread."""
+    return numba.config.NUMBA_NUM_THREADS * x_shape[1] * int(np.prod(padded_shape(g)))
+
+
+@njit(nogil=True, cache=True)
+def im2col_image(x, xp, col, g, start):
+    """col[:, start:start + S] = the im2col columns of one image x (C, D, H, W), rows
+    channel-major: x is first copied into xp (C, Dp, Hp, Wp) with its pads (zeros), so that the
+    copies below need no bounds checks (3-4x faster than checking per row)."""
+    kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
+    channels, depth, height, width = x.shape
+    dp, hp, wp = xp.shape[1], xp.shape[2], xp.shape[3]
+    for c in range(channels):
+        for z in range(dp):
+            iz = z - pd
+            for y in range(hp):
+                iy = y - ph
+                dst = xp[c, z, y]
+                dst[:] = 0
+                if iz < 0 or iz >= depth or iy < 0 or iy >= height:
+                    continue
+                src = x[c, iz, iy]
+                for i in range(max(0, pw), min(wp, pw + width)):
+                    dst[i] = src[i - pw]
+    taps = kd * kh * kw
+    for row in range(channels * taps):
+        c = row // taps
+        t = row % taps
+        a = t // (kh * kw)
+        b = (t // kw) % kh
+        e = t % kw
+        dst = col[row, start:start + od * oh * ow]
+        for z in range(od):
+            for y in range(oh):
+                seg = dst[(z * oh + y) * ow:(z * oh + y + 1) * ow]
+                part = xp[c, z * sd + a * dd, y * sh + b * dh, e * dw:]
+                if sw == 1:
+                    for o in range(ow):
+                        seg[o] = part[o]
+                elif sw == 2:
+                    for o in range(ow):
+                        seg[o] = part[2 * o]
+                else:
+                    for o in range(ow):
+                        seg[o] = part[o * sw]
+
+
+def padded_images(ws, channels, g) -> list[np.ndarray]:
+    """One padded-image buffer per thread slot, from the head of ws."""
+    shape = (channels,) + padded_shape(g)
+    size = int(np.prod(shape))
+    return [ws[i * size:(i + 1) * size].reshape(shape)
+            for i in range(numba.config.NUMBA_NUM_THREADS)]
+
+
+@njit(nogil=True, cache=True)
+def columns_from(y, out, start):
+    """out[:, start:start + S] = y (C, S): one image's channels as column blocks."""
+    positions = y.shape[1]
+    for c in range(y.shape[0]):
+        out[c, start:start + positions] = y[c]
+
+
+@njit(nogil=True, cache=True)
+def columns_to(yt, out, start):
+    """out (K, S) = yt[:, start:start + S] (the inverse of columns_from)."""
+    positions = out.shape[1]
+    for k in range(out.shape[0]):
+        out[k] = yt[k, start:start + positions]
+
+
+@njit(nogil=True, cache=True)
+def col2im_image(cols, out, g, in_spatial, bias, start):
+    """out (K, od, oh, ow) = bias + the scatter of one image's columns cols[:, start:start + S_in]
+    (K * taps rows): input position i and tap t land on output i * stride + t * dilation - pad.
+    Gathered per output row."""
+    kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
+    depth, height, width = in_spatial
+    k_out = out.shape[0]
+    taps = kd * kh * kw
+    has_bias = bias.shape[0] != 0
+    for k in range(k_out):
+        for z in range(od):
+            for y in range(oh):
+                row = out[k, z, y]
+                row[:] = bias[k] if has_bias else np.float32(0)
+                for a in range(kd):
+                    tz = z + pd - a * dd
+                    if tz < 0 or tz % sd != 0 or tz // sd >= depth:
+                        continue
+                    iz = tz // sd
+                    for b in range(kh):
+                        ty = y + ph - b * dh
+                        if ty < 0 or ty % sh != 0 or ty // sh >= height:
+                            continue
+                        base = start + (iz * height + ty // sh) * width
+                        for e in range(kw):
+                            src = cols[k * taps + (a * kh + b) * kw + e, base:base + width]
+                            off = e * dw - pw
+                            lo, hi = _valid_range(width, sw, off, ow)  # input columns that land
+                            if sw == 1:
+                                part = row[max(0, lo + off):]
+                                for i in range(hi - lo):
+                                    part[i] += src[lo + i]
+                            else:
+                                for i in range(lo, hi):
+                                    row[i * sw + off] += src[i]
+
+
+# ---- convolution with run-time weights -----------------------------------------------------------
+@njit(parallel=True, cache=True)
+def winograd_filter(w, gm, u):
+    """u[alpha^2, K, C] = G w[k, c] G^T (float64 arithmetic) for 3x3 weights w (K, C, 3, 3)."""
+    k_out, channels = w.shape[0], w.shape[1]
+    alpha = gm.shape[0]
+    for job in prange(k_out):
+        tmp = np.empty((alpha, 3), np.float64)
+        for c in range(channels):
+            f = w[job, c]
+            for i in range(alpha):
+                for j in range(3):
+                    tmp[i, j] = gm[i, 0] * f[0, j] + gm[i, 1] * f[1, j] + gm[i, 2] * f[2, j]
+            for i in range(alpha):
+                for j in range(alpha):
+                    u[i * alpha + j, job, c] = (tmp[i, 0] * gm[j, 0] + tmp[i, 1] * gm[j, 1]
+                                                + tmp[i, 2] * gm[j, 2])
+
+
+def winograd_runtime_size(n_batch, channels, k_out, out_h, out_w, m) -> int:
+    """Scratch of conv_winograd_runtime: the transformed filter, then conv_winograd's own."""
+    return (m + 2) ** 2 * k_out * channels + winograd_scratch(n_batch, channels, k_out, out_h,
+                                                              out_w, m)
+
+
+def conv_winograd_runtime(x, w, bias, out, ws, m, pads, act=NO_ACT, residual=None, post=NO_ACT):
+    """Winograd F(m x m, 3x3) (winograd.conv_winograd) with the filter transformed now, into the
+    head of ``ws``."""
+    k_out, channels = w.shape[0], w.shape[1]
+    size = (m + 2) ** 2 * k_out * channels
+    u = ws[:size].reshape((m + 2) ** 2, k_out, channels)
+    winograd_filter(contiguous(w), _F4_G if m == 4 else _F2_G, u)
+    return conv_winograd(x, u, bias, out, ws[size:], m, pads, act, residual, post)
+
+
+def batched_size(x_shape, k_out, g) -> int:
+    """float32 scratch elements of conv_batched (the batch's columns, the GEMM result, padded
+    images)."""
+    positions = x_shape[0] * g[12] * g[13] * g[14]
+    return (x_shape[1] * g[0] * g[1] * g[2] + k_out) * positions + columns_scratch(x_shape, g)
+
+
+def conv_batched(x, w, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post=NO_ACT):
+    """A Conv whose weights W (K, C/group, kernel...) are an array of this call: the im2col
+    columns of the whole batch side by side, Y (K, N * S) = W (K, C/group * taps) @ cols per
+    group with W as a reshape view, in blocks of rows; then each image's part of Y into out and
+    the epilogue. One wide product rather than one per image: small images (7x7, 4x4) give BLAS
+    too narrow a matrix otherwise."""
+    x5, out5 = contiguous(as5(x)), as5(out)
+    n_batch, channels = x5.shape[:2]
+    k_out = out5.shape[1]
+    rows = channels * g[0] * g[1] * g[2]
+    positions = g[12] * g[13] * g[14]
+    total = n_batch * positions
+    col = ws[:rows * total].reshape(rows, total)
+    yt = ws[col.size:col.size + k_out * total].reshape(k_out, total)
+    xps = padded_images(ws[col.size + yt.size:], channels, g)
+    wmat = contiguous(w).reshape(k_out, rows // group)
+    k_group, r_group = k_out // group, rows // group
+    target = Target(out5)
+    y3 = target.array.reshape(n_batch, k_out, positions)
+    blocks = row_blocks(k_group, group, threads())
+
+    def columns(slot, n):
+        im2col_image(x5[n], xps[slot], col, g, n * positions)
+
+    def product(slot, index):
+        k0, k1 = blocks[index]
+        q = k0 // k_group
+        np.matmul(wmat[k0:k1], col[q * r_group:(q + 1) * r_group], out=yt[k0:k1])
+
+    def scatter(slot, n):
+        columns_to(yt, y3[n], n * positions)
+
+    with serial_blas():
+        run_tasks(columns, n_batch, threads())
+        run_tasks(product, len(blocks), threads())
+        run_tasks(scatter, n_batch, threads())
+    epilogue(y3, bias, act, residual, post)
+    target.done()
+    return out
+
+
+@njit(parallel=True, cache=True)
+def flip_transpose(w, out, group):
+    """out (K', C', taps) = W (C, K/group, taps) regrouped: for group q, out[q*Kg + k, c', t] =
+    W[q*Cg + c', k, taps - 1 - t] -- ConvTranspose's weights as a Conv's (flipped kernel)."""
+    channels, k_group, taps = w.shape
+    c_group = channels // group
+    for job in prange(group * k_group):
+        q = job // k_group
+        k = job % k_group
+        for c in range(c_group):
+            src = w[q * c_group + c, k]
+            dst = out[job, c]
+            for t in range(taps):
+                dst[t] = src[taps - 1 - t]
+
+
+def transpose_as_conv_pads(kernel, dilations, pads, output_padding) -> list[int] | None:
+    """The pads of the stride-1 Conv that equals a stride-1 ConvTranspose (flipped kernel):
+    begin (k-1)d - p_begin, end (k-1)d - p_end + output_padding; None when one is negative."""
+    rank = len(kernel)
+    begin = [(k - 1) * d - p for k, d, p in zip(kernel, dilations, pads[:rank])]
+    end = [(k - 1) * d - p + o for k, d, p, o in zip(kernel, dilations, pads[rank:],
+                                                     output_padding)]
+    return None if min(begin + end) < 0 else begin + end
+
+
+def transpose_batched_size(x_shape, w_shape, g, group: int = 1) -> int:
+    """float32 scratch elements of conv_transpose_batched (X as columns, the product)."""
+    positions = x_shape[0] * int(np.prod(x_shape[2:]))
+    rows = w_shape[1] * group * g[0] * g[1] * g[2]
+    return (x_shape[1] + rows) * positions
+
+
+def conv_transpose_batched(x, w, bias, out, ws, g, group=1):
+    """ConvTranspose with W (C, K/group, kernel...) of this call, the whole batch at once:
+    cols (K * taps, N * S_in) = W_g^T @ X_g (C/group, N * S_in) per group, in blocks of rows (BLAS
+    reads the transposed view of W as is), then col2im per image with the bias."""
+    x5, out5 = contiguous(as5(x)), as5(out)
+    n_batch, channels = x5.shape[:2]
+    in_spatial = x5.shape[2:]
+    positions = int(np.prod(in_spatial))
+    total = n_batch * positions
+    rows = w.shape[1] * g[0] * g[1] * g[2] * group
+    r_group, c_group = rows // group, channels // group
+    xt = ws[:channels * total].reshape(channels, total)
+    cols = ws[xt.size:xt.size + rows * total].reshape(rows, total)
+    wmat = contiguous(w).reshape(channels, r_group)
+    bias = NO_BIAS if bias is None else bias
+    target = Target(out5)
+    blocks = row_blocks(r_group, group, threads())
+
+    def gather(slot, n):
+        columns_from(x5[n].reshape(channels, positions), xt, n * positions)
+
+    def product(slot, index):
+        r0, r1 = blocks[index]
+        q = r0 // r_group
+        wq = wmat[q * c_group:(q + 1) * c_group, r0 - q * r_group:r1 - q * r_group]
+        np.matmul(wq.T, xt[q * c_group:(q + 1) * c_group], out=cols[r0:r1])
+
+    def scatter(slot, n):
+        col2im_image(cols, target.array[n], g, in_spatial, bias, n * positions)
+
+    with serial_blas():
+        run_tasks(gather, n_batch, threads())
+        run_tasks(product, len(blocks), threads())
+        run_tasks(scatter, n_batch, threads())
+    target.done()
+    return out
+
+
+def conv_transpose_as_conv(x, w, bias, out, ws, g, group=1, winograd=0, pads=None):
+    """A stride-1 ConvTranspose as the Conv of x with the flipped, transposed W (built in ``ws``),
+    by conv_batched or (``winograd`` = m, 3x3) Winograd F(m x m, 3x3)."""
+    channels, k_group = w.shape[0], w.shape[1]
+    taps = g[0] * g[1] * g[2]
+    k_out = k_group * group
+    flipped = ws[:k_out * (channels // group) * taps].reshape(k_out, channels // group, taps)
+    flip_transpose(contiguous(w).reshape(channels, k_group, taps), flipped, group)
+    rest = ws[flipped.size:]
+    if winograd:
+        return conv_winograd_runtime(x, flipped.reshape(k_out, channels, 3, 3), bias, out, rest,
+                                     winograd, pads)
+    return conv_batched(x, flipped, bias, out, rest, g, group)
+
+
+# ---- weight gradient -----------------------------------------------------------------------------
+def grad_weight_size(x_shape, dy_shape, g) -> int:
+    """float32 scratch elements of conv_grad_weight."""
+    positions = x_shape[0] * g[12] * g[13] * g[14]
+    return ((x_shape[1] * g[0] * g[1] * g[2] + dy_shape[1]) * positions
+            + columns_scratch(x_shape, g))
+
+
+def conv_grad_weight(x, dy, out, ws, g, group=1):
+    """ConvGradWeight: dW (K, C/group * taps) = dY (K, N * S) @ cols (C/group * taps, N * S)^T per
+    group, the whole batch's columns in one product (in blocks of rows of dW; BLAS reads the
+    transposed view as is)."""
+    x5, dy5 = contiguous(as5(x)), contiguous(as5(dy))
+    n_batch, channels = x5.shape[:2]
+    k_out = dy5.shape[1]
+    rows = channels * g[0] * g[1] * g[2]
+    positions = g[12] * g[13] * g[14]
+    total = n_batch * positions
+    col = ws[:rows * total].reshape(rows, total)
+    dyt = ws[col.size:col.size + k_out * total].reshape(k_out, total)
+    xps = padded_images(ws[col.size + dyt.size:], channels, g)
+    k_group, r_group = k_out // group, rows // group
+    target = Target(out)
+    dw = target.array.reshape(k_out, r_group)
+    blocks = row_blocks(k_group, group, threads())
+
+    def gather(slot, n):
+        im2col_image(x5[n], xps[slot], col, g, n * positions)
+        columns_from(dy5[n].reshape(k_out, positions), dyt, n * positions)
+
+    def product(slot, index):
+        k0, k1 = blocks[index]
+        q = k0 // k_group
+        np.matmul(dyt[k0:k1], col[q * r_group:(q + 1) * r_group].T, out=dw[k0:k1])
+
+    with serial_blas():
+        run_tasks(gather, n_batch, threads())
+        run_tasks(product, len(blocks), threads())
+    target.done()
+    return out
+
+
+# ---- pooling gradients ---------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def max_pool_grad(dy, x, dx, g):
+    """dx (N, C, D, H, W) = each dY element added at the first maximum of its window of x, as
+    np.argmax over the window's taps in order picks it (padding is -inf, a NaN wins); a window
+    whose pick is padding passes nothing. dy (N, C, od, oh, ow). Per output row, the running
+    maximum of every window and the flat index of its element (-1: padding) are updated tap by
+    tap over the whole row, then the gradient is scattered."""
+    kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
+    n_batch, channels, depth, height, width = x.shape
+    for job in prange(n_batch * channels):
+        n = job // channels
+        c = job % channels
+        plane = x[n, c]
+        grad = dx[n, c].reshape(-1)
+        grad[:] = 0
+        best = np.empty(ow, np.float32)
+        pick = np.empty(ow, np.int64)
+        for z in range(od):
+            for y in range(oh):
+                best[:] = -np.inf
+                pick[:] = -1
+                first = True
+                for a in range(kd):
+                    iz = z * sd - pd + a * dd
+                    for b in range(kh):
+                        iy = y * sh - ph + b * dh
+                        inside = 0 <= iz < depth and 0 <= iy < height
+                        for e in range(kw):
+                            if inside:
+                                off = e * dw - pw
+                                lo, hi = _valid_range(ow, sw, off, width)
+                                src = plane[iz, iy, lo * sw + off:]
+                                base = (iz * height + iy) * width + lo * sw + off
+                                if first:
+                                    for o in range(lo, hi):
+                                        best[o] = src[(o - lo) * sw]
+                                        pick[o] = base + (o - lo) * sw
+                                else:
+                                    for o in range(lo, hi):
+                                        v = src[(o - lo) * sw]
+                                        m = best[o]
+                                        take = (v > m) | ((v != v) & (m == m))
+                                        best[o] = v if take else m
+                                        pick[o] = base + (o - lo) * sw if take else pick[o]
+                            first = False
+                row = dy[n, c, z, y]
+                for o in range(ow):
+                    if pick[o] >= 0:
+                        grad[pick[o]] += row[o]
+
+
+@njit(parallel=True, cache=True)
+def avg_pool_grad(dy, scale, dx, g):
+    """dx (N, C, D, H, W) = every dY element times scale (1 / its window's count, per output
+    position) added to each in-bounds tap of its window."""
+    kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
+    n_batch, channels, depth, height, width = dx.shape
+    for job in prange(n_batch * channels):
+        n = job // channels
+        c = job % channels
+        grad = dx[n, c]
+        grad[:] = 0
+        for z in range(od):
+            for y in range(oh):
+                for o in range(ow):
+                    share = dy[n, c, z, y, o] * scale[z, y, o]
+                    for a in range(kd):
+                        iz = z * sd - pd + a * dd
+                        if iz < 0 or iz >= depth:
+                            continue
+                        for b in range(kh):
+                            iy = y * sh - ph + b * dh
+                            if iy < 0 or iy >= height:
+                                continue
+                            row = grad[iz, iy]
+                            for e in range(kw):
+                                ix = o * sw - pw + e * dw
+                                if 0 <= ix < width:
+                                    row[ix] += share
+
+
+def pool_grad_into(kernel, dy, other, dx, g):
+    """Run a pooling-gradient kernel on 5-D views; a strided dx gets a temporary."""
+    target = Target(as5(dx))
+    kernel(contiguous(as5(dy)), other, target.array, g)
+    target.done()
+    return dx
+
+
+def max_pool_backward(dy, x, dx, g):
+    return pool_grad_into(max_pool_grad, dy, contiguous(as5(x)), dx, g)
+
+
+def avg_pool_backward(dy, scale, dx, g):
+    return pool_grad_into(avg_pool_grad, dy, scale, dx, g)
+
+
+# ---- batch normalisation (training mode) ---------------------------------------------------------
+def planes(a: np.ndarray) -> np.ndarray:
+    """(N, C, S) view of an (N, C, spatial...) array; a contiguous copy only if no view exists."""
+    try:
+        return a.reshape(a.shape[0], a.shape[1], -1, copy=False)
+    except ValueError:
+        return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
+
+
+def out_planes(a: np.ndarray) -> np.ndarray:
+    """(N, C, S) view an output is written through; raises if none exists (the emitters only
+    hand over arena views, whose images are contiguous)."""
+    return a.reshape(a.shape[0], a.shape[1], -1, copy=False)
+
+
+@njit(parallel=True, cache=True)
+def batchnorm_train(x, scale, bias, y, mean, var, epsilon):
+    """Per channel of x (N, C, S): the batch mean and biased variance (two passes, float64 sums
+    of float32 rows) and y = (x - mean) * (scale / sqrt(var + epsilon)) + bias."""
+    n_batch, channels, positions = x.shape
+    count = n_batch * positions
+    for c in prange(channels):
+        total = 0.0
+        for n in range(n_batch):
+            row = x[n, c]
+            for i in range(positions):
+                total += row[i]
+        mu = np.float32(total / count)
+        square = 0.0
+        for n in range(n_batch):
+            row = x[n, c]
+            for i in range(positions):
+                d = row[i] - mu
+                square += d * d
+        sigma2 = square / count
+        gain = np.float32(scale[c] / math.sqrt(sigma2 + epsilon))
+        shift = np.float32(bias[c])
+        for n in range(n_batch):
+            row = x[n, c]
+            dst = y[n, c]
+            for i in range(positions):
+                dst[i] = (row[i] - mu) * gain + shift
+        mean[c] = total / count
+        var[c] = sigma2
+
+
+@njit(parallel=True, cache=True)
+def batchnorm_train_grad(dy, x, scale, mean, var, dmean, dvar, dx, dscale, dbias, epsilon):
+    """BatchNormTrainGrad per channel of (N, C, S) arrays: dB = sum dY, dscale = sum dY * xhat,
+    dX = dY * gain + (x - mean) * k + c (see the op); dmean / dvar of size 0 mean none."""
+    n_batch, channels, positions = x.shape
+    count = n_batch * positions
+    has_dmean = dmean.shape[0] != 0
+    has_dvar = dvar.shape[0] != 0
+    for c in prange(channels):
+        mu = np.float32(mean[c])
+        total = 0.0
+        cross = 0.0
+        for n in range(n_batch):
+            d_row = dy[n, c]
+            x_row = x[n, c]
+            part = np.float32(0)
+            part_cross = np.float32(0)
+            for i in range(positions):
+                part += d_row[i]
+                part_cross += d_row[i] * (x_row[i] - mu)
+            total += part
+            cross += part_cross
+        inv_std = 1.0 / math.sqrt(var[c] + epsilon)
+        gain = scale[c] * inv_std
+        k = -gain * cross * inv_std * inv_std / count
+        shift = -gain * total / count
+        if has_dmean:
+            shift += dmean[c] / count
+        if has_dvar:
+            k += 2.0 * dvar[c] / count
+        g32, k32, c32 = np.float32(gain), np.float32(k), np.float32(shift)
+        for n in range(n_batch):
+            d_row = dy[n, c]
+            x_row = x[n, c]
+            dst = dx[n, c]
+            for i in range(positions):
+                dst[i] = d_row[i] * g32 + (x_row[i] - mu) * k32 + c32
+        dscale[c] = cross * inv_std
+        dbias[c] = total
+
+
+_NO_STATS = np.zeros(0, dtype=np.float32)
+
+
+def batchnorm_train_forward(x, scale, bias, y, mean, var, epsilon):
+    batchnorm_train(planes(x), scale, bias, out_planes(y), mean, var, epsilon)
+    return y
+
+
+def batchnorm_train_backward(dy, x, scale, mean, var, dmean, dvar, dx, dscale, dbias, epsilon):
+    batchnorm_train_grad(planes(dy), planes(x), scale, mean, var,
+                         _NO_STATS if dmean is None else dmean,
+                         _NO_STATS if dvar is None else dvar,
+                         out_planes(dx), dscale, dbias, epsilon)
+    return dx
+
+
+# ---- activation gradients ------------------------------------------------------------------------
+RELU, RELU6, CLIP, LEAKY_RELU, SIGMOID, TANH, ELU, HARD_SWISH, SILU, HARD_SIGMOID = range(10)
+
+
+@njit(inline="always", cache=True)
+def _slope(v, code, p0, p1):
+    """f'(v) for the activation ``code``; v is X or Y as ActivationGrad's ``at`` says."""
+    one = np.float32(1)
+    zero = np.float32(0)
+    if code == RELU:
+        return one if v > 0 else zero
+    if code == RELU6:
+        return one if v > 0 and v < 6 else zero
+    if code == CLIP:
+        return one if v >= p0 and v <= p1 else zero
+    if code == LEAKY_RELU:
+        return one if v > 0 else p0
+    if code == SIGMOID:
+        return v * (one - v)
+    if code == TANH:
+        return one - v * v
+    if code == ELU:
+        return one if v > 0 else p0 * np.exp(v)
+    if code == HARD_SWISH:
+        if v < -3:
+            return zero
+        return v / np.float32(3) + np.float32(0.5) if v <= 3 else one
+    if code == SILU:
+        s = one / (one + np.exp(-v))
+        return s * (one + v * (one - s))
+    # HARD_SIGMOID: alpha inside (0, 1)
+    z = p0 * v + p1
+    return p0 if z > 0 and z < 1 else zero
+
+
+@njit(parallel=True, cache=True)
+def activation_grad(dy, v, dx, code, p0, p1):
+    """dx = dy * f'(v) over flat float32 arrays."""
+    a = np.float32(p0)
+    b = np.float32(p1)
+    size = dx.shape[0]
+    chunk = 16384
+    for job in prange((size + chunk - 1) // chunk):
+        lo = job * chunk
+        hi = min(size, lo + chunk)
+        if code == RELU:
+            for i in range(lo, hi):
+                dx[i] = dy[i] if v[i] > 0 else np.float32(0)
+        else:
+            for i in range(lo, hi):
+                dx[i] = dy[i] * _slope(v[i], code, a, b)
+
+
+def flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+
+
+def activation_backward(dy, v, dx, code, p0, p1):
+    if dx.flags.c_contiguous:
+        activation_grad(flat(dy), flat(v), dx.reshape(-1), code, p0, p1)
+    else:
+        tmp = np.empty(dx.shape, np.float32)
+        activation_grad(flat(dy), flat(v), tmp.reshape(-1), code, p0, p1)
+        dx[...] = tmp
+    return dx
+
+
+# ---- optimizer updates ---------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def sgd_update(param, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """torch.optim.SGD on flat arrays in place: d = g + wd * p; buf = d on the first step (buf
+    must hold zeros then), else momentum * buf + (1 - dampening) * d; p -= lr * (d + momentum *
+    buf if nesterov else buf). buf of size 0: no momentum. One plain loop per case, so that each
+    vectorises (a single loop with the cases inside ran 2.5x slower)."""
+    size = param.shape[0]
+    lr32, mom32 = np.float32(lr), np.float32(momentum)
+    keep = np.float32(0.0 if first else momentum)
+    damp32 = np.float32(1.0 if first else 1.0 - dampening)
+    wd32 = np.float32(weight_decay)
+    if buf.shape[0] == 0:
+        for i in prange(size):
+            param[i] -= lr32 * (grad[i] + wd32 * param[i])
+    elif nesterov:
+        for i in prange(size):
+            d = grad[i] + wd32 * param[i]
+            b = keep * buf[i] + damp32 * d
+            buf[i] = b
+            param[i] -= lr32 * (d + mom32 * b)
+    else:
+        for i in prange(size):
+            b = keep * buf[i] + damp32 * (grad[i] + wd32 * param[i])
+            buf[i] = b
+            param[i] -= lr32 * b
+
+
+@njit(parallel=True, cache=True)
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
+                step_size, bias2_sqrt):
+    """torch.optim.Adam (amsgrad off) on flat arrays in place."""
+    b1, b2 = np.float32(beta1), np.float32(beta2)
+    c1, c2 = np.float32(1.0 - beta1), np.float32(1.0 - beta2)
+    wd32, eps32 = np.float32(weight_decay), np.float32(eps)
+    step32, root32 = np.float32(step_size), np.float32(bias2_sqrt)
+    for i in prange(param.shape[0]):
+        d = grad[i] + wd32 * param[i]
+        m = b1 * exp_avg[i] + c1 * d
+        v = b2 * exp_avg_sq[i] + c2 * d * d
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        param[i] -= step32 * (m / (np.sqrt(v) / root32 + eps32))
