@@ -17,7 +17,6 @@ it is installed and a TorchScript file of the same network is given.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import os
@@ -160,48 +159,11 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-class blas_threads:
-    """Limit NumPy's OpenBLAS to ``threads`` threads while inside (no-op where it cannot be found,
-    e.g. a NumPy built on another BLAS)."""
+def blas_threads(count: int | None):
+    """NumPy's OpenBLAS on ``count`` threads while inside (``backends/cpu/threads.py``)."""
+    from .backends.cpu.threads import blas_threads as limit
 
-    def __init__(self, threads: int | None):
-        self.threads = threads
-        self.saved = None
-        self.lib = None
-
-    def __enter__(self):
-        if self.threads:
-            self.lib, setter, getter = _openblas()
-            if self.lib is not None:
-                self.saved = getattr(self.lib, getter)()
-                getattr(self.lib, setter)(int(self.threads))
-                self.setter = setter
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            getattr(self.lib, self.setter)(int(self.saved))
-        return False
-
-
-def _openblas():
-    names = [("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-             ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
-             ("openblas_set_num_threads", "openblas_get_num_threads")]
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-    except OSError:
-        return None, "", ""
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for setter, getter in names:
-            if hasattr(lib, setter) and hasattr(lib, getter):
-                return lib, setter, getter
-    return None, "", ""
+    return limit(count)
 
 
 # ---- engines -------------------------------------------------------------------------------------
@@ -391,7 +353,7 @@ def profile_layers(module, feeds: list[np.ndarray], runs: int = 10, warmup: int 
     call, from which GFLOP/s and % of the GEMM ceiling are computed. Also returns the mean seconds
     of that module's plain ``run``, timed alternately with ``run_profiled`` (the same load)."""
     from .analysis import node_flops
-    from .backends.cpu.backend import thread_limit
+    from .backends.cpu.threads import thread_limit
     from .backends.cpu.codegen import generate, load_generated
     from .backends.cpu.emitters import emit_node
 

@@ -11,9 +11,13 @@ unless the user set it.
 
 import os
 
+import sys
+
 if "NUMBA_CACHE_DIR" not in os.environ:
     _cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     os.environ["NUMBA_CACHE_DIR"] = os.path.join(_cache, "cnncompile", "numba")
+    if "numba" in sys.modules:  # numba read the environment when it was imported
+        sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -16,6 +16,7 @@ import numpy as np
 from ...ir.graph import Graph
 from .codegen import GeneratedModule, generate, load_generated
 from .emitters import emit_node
+from .threads import thread_limit
 
 
 class CpuBackend:
@@ -152,27 +153,6 @@ def count_calls(source: str, names: list[str]) -> int:
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\(")
     return sum(len(pattern.findall(line)) for line in body.splitlines()
                if not line.lstrip().startswith("#"))
-
-
-class thread_limit:
-    """Run with at most ``threads`` Numba threads (None: all), restoring the count afterwards."""
-
-    def __init__(self, threads: int | None):
-        self.threads = threads
-        self.saved = None
-
-    def __enter__(self):
-        if self.threads:
-            import numba
-            self.saved = numba.get_num_threads()
-            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            import numba
-            numba.set_num_threads(self.saved)
-        return False
 
 
 # ---- compiling kernels in parallel -------------------------------------------------------------

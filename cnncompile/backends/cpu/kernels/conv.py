@@ -26,15 +26,13 @@ pool also means no idle pool spinning on the cores the other one needs.
 
 from __future__ import annotations
 
-import ctypes
-import itertools
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numba
 import numpy as np
 from numba import njit, prange
 
+from ..threads import run_tasks, serial_blas, threads  # noqa: F401  (the drivers' work sharing)
 from .epilogue import RELU, activation_row, bias_activation, epilogue_plane
 
 NO_ACT = (0, 0.0, 0.0)
@@ -138,84 +136,6 @@ def pad_planes(x, xp, g):
                     inner[i] = src[i]
                 for i in range(hi, wp):
                     dst[i] = 0
-
-
-# ---- work sharing --------------------------------------------------------------------------------
-_EXECUTOR: list = []
-_BLAS: list = []
-
-
-def threads() -> int:
-    """Threads a driver may use: Numba's current count (the backend's ``threads`` setting)."""
-    return numba.get_num_threads()
-
-
-def _drain(fn, counter, count, slot):
-    for index in iter(counter.__next__, None):
-        if index >= count:
-            return
-        fn(slot, index)
-
-
-def run_tasks(fn, count: int, workers: int) -> None:
-    """fn(slot, index) for every index in range(count), on up to ``workers`` threads: the caller
-    (slot 0) and helpers (slots 1...), each taking the next index when free. ``slot`` names the
-    thread's private scratch. fn must release the GIL (nogil Numba kernels, BLAS) to overlap."""
-    helpers = min(workers, count) - 1
-    if helpers <= 0:
-        for index in range(count):
-            fn(0, index)
-        return
-    if not _EXECUTOR:
-        _EXECUTOR.append(ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
-                                            thread_name_prefix="cnncompile-conv"))
-    counter = itertools.count()
-    futures = [_EXECUTOR[0].submit(_drain, fn, counter, count, slot)
-               for slot in range(1, helpers + 1)]
-    _drain(fn, counter, count, 0)
-    for future in futures:
-        if not future.cancel():  # a helper that never started has nothing left to do
-            future.result()
-
-
-def _openblas_threads():
-    """(get, set) of NumPy's OpenBLAS thread count, or None when NumPy uses another BLAS."""
-    names = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-             ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-             ("openblas_get_num_threads", "openblas_set_num_threads")]
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for getter, setter in names:
-            if hasattr(lib, getter) and hasattr(lib, setter):
-                return getattr(lib, getter), getattr(lib, setter)
-    return None
-
-
-class serial_blas:
-    """Single-threaded OpenBLAS inside and after (the drivers' threads share the cores instead).
-
-    The count is deliberately not restored: an OpenBLAS worker woken by a later 2-thread call
-    keeps spinning for a long time after it (its thread timeout) and takes the core the
-    drivers' helper thread needs; measured on a quiet machine, ResNet-18 at batch 1 ran in 52 ms
-    with the count restored after every conv and in 30.5 ms with OpenBLAS left at 1 thread."""
-
-    def __enter__(self):
-        if not _BLAS:
-            _BLAS.append(_openblas_threads())
-        if _BLAS[0] is not None and _BLAS[0][0]() != 1:
-            _BLAS[0][1](1)
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def scratch(ws: np.ndarray, size: int) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Gemm / MatMul: NumPy's BLAS (np.matmul, called from Python so that only one BLAS thread pool
-exists) into the destination, then a Numba epilogue for alpha, beta * C and the activation.
+exists) into the destination, then a Numba epilogue for alpha, beta * C and the activation. Large
+products are split into column blocks shared by the calling thread and the drivers' helper threads
+(``threads.run_tasks``; OpenBLAS itself runs single-threaded during a module run).
 
 Weights are prepared once at compile time by the emitter: B transposed when transB, alpha folded
 into a constant B, beta folded into a constant C, which then becomes a row of biases when it
@@ -11,7 +13,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..threads import run_tasks, threads
 from .epilogue import NONE, activation_row
+
+#: products with fewer multiply-adds run in one BLAS call: a helper thread's wake-up costs more
+MIN_SPLIT_MACS = 1 << 21
+#: column blocks are multiples of this many columns
+COLUMN_ALIGN = 64
 
 _NO_C = np.zeros((0, 0), dtype=np.float32)
 _NO_PARAMS = np.zeros(2, dtype=np.float64)
@@ -45,10 +53,21 @@ def gemm(a, b, out, c=None, alpha=1.0, beta=1.0, code=NONE, params=None, b_rows=
     c that broadcasts to out (or None). With b_rows, b holds B's columns as rows, (N, K), and the
     product is formed as (b @ a.T).T: for few rows of a and many columns of B, OpenBLAS runs that
     orientation up to 1.5x faster here (see rows_first)."""
-    if b_rows:
-        np.copyto(out, np.matmul(b, a.T).T)
-    else:
-        np.matmul(a, b, out=out)
+    n = out.shape[1]
+    workers = threads()
+    count = 1
+    if workers > 1 and a.shape[0] * a.shape[1] * n >= MIN_SPLIT_MACS:
+        count = max(1, min(2 * workers, n // COLUMN_ALIGN))
+    step = -(-n // count)
+    step = -(-step // COLUMN_ALIGN) * COLUMN_ALIGN if count > 1 else n
+
+    def block(slot, index):
+        j0, j1 = index * step, min(n, (index + 1) * step)
+        if b_rows:
+            np.copyto(out[:, j0:j1], np.matmul(b[j0:j1], a.T).T)
+        else:
+            np.matmul(a, b[:, j0:j1], out=out[:, j0:j1])
+    run_tasks(block, -(-n // step), workers)
     if c is None and alpha == 1.0 and code == NONE:
         return out
     gemm_epilogue(out, _NO_C if c is None else c, alpha, beta, code,

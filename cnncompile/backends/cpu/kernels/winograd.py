@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from ....ops.winograd import transform_filter
+from ....ops.winograd import matrices
 from .conv import (NO_ACT, NO_BIAS, contiguous, epilogue_args, run_tasks, scratch, serial_blas,
                    threads)
 from .epilogue import NONE, RELU, activation_row
@@ -50,11 +50,14 @@ BLOCK_TILES = 128
 
 
 def transform_weights(w: np.ndarray, m: int) -> np.ndarray:
-    """U = G g G^T for K x C x 3 x 3 weights, as a contiguous [alpha^2, K, C] float32 array."""
-    u = transform_filter(np.asarray(w, dtype=np.float64), m)  # K, C, alpha, alpha
-    k_out, channels, alpha = u.shape[0], u.shape[1], u.shape[2]
-    u = u.reshape(k_out, channels, alpha * alpha).transpose(2, 0, 1)
-    return np.ascontiguousarray(u, dtype=np.float32)
+    """U = G g G^T for K x C x 3 x 3 weights, as a contiguous [alpha^2, K, C] float32 array:
+    ops/winograd.py's transform as one float64 GEMM, (G kron G) @ g, since VGG's weights made
+    the two-pass version a second of every compile."""
+    _, g, _ = matrices(m)
+    k_out, channels = w.shape[:2]
+    alpha = g.shape[0]
+    u = np.kron(g, g) @ np.asarray(w, np.float64).reshape(k_out * channels, 9).T
+    return np.ascontiguousarray(u.reshape(alpha * alpha, k_out, channels), dtype=np.float32)
 
 
 def tiles(out_h: int, out_w: int, m: int) -> tuple[int, int]:
