@@ -65,7 +65,7 @@ def _phase_range(ranges, phase, count, stride, pad, size):
     return _valid_range(count, stride, phase - pad, size)
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True, fastmath=FMA)
 def _fill(src, plane, shape, buf, at0, g, dq, hq, wq, phase_size, zr, yr, cols):
     """The padded plane at src[plane:] (flat, of ``shape`` (D, H, W)) split into its stride-phase
     sub-volumes: phase p's copy of the plane at buf[p * phase_size + at0:]. Only the input's
@@ -139,7 +139,7 @@ def _tap(buf, g, a, b, e, hq, wq, volume):
     return buf[phase * volume + ((za // sd) * hq + yb // sh) * wq + xe // sw:]
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True, fastmath=FMA)
 def _taps(acc, buf, w, k0, k_step, planes, volume, length, g, hq, wq, phase_size):
     """acc[p * volume + i] = sum over taps t of w[k0 + p * k_step, t] * tap_t[p * volume + i]
     for i < length, for each of the group's planes p. Indices are unsigned: Numba then skips
@@ -222,7 +222,7 @@ def _sizes(g):
     return dq, hq, wq, ((od - 1) * hq + (oh - 1)) * wq + ow
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True, fastmath=FMA)  # not inlined into the prange body: that took 30 s to compile
 def _job(job, per_job, x, w, bias, out, g, code, params, res, post_code, post_params):
     """Channels [c0, c0 + per_job) of one image: their planes are filled side by side (each
     phase holds the group's planes back to back), so that one flat loop per tap pass covers the
@@ -265,16 +265,12 @@ def _job(job, per_job, x, w, bias, out, g, code, params, res, post_code, post_pa
                     src = _u(p * volume + (z * hq + y) * wq)
                     for o in range(ow):
                         target[dst + _u(o)] = acc[src + _u(o)] + b
-            if multiplier > 1:
-                plane = target[k * plane_size:(k + 1) * plane_size]
-                epilogue_plane(plane, np.float32(0), code, params,
-                               res[n, k].reshape(-1) if has_res else plane, has_res, post_code,
-                               post_params)
-    if multiplier == 1 and (code != 0 or has_res):
-        # the group's output planes are contiguous: one epilogue call for all of them
-        block = target[c0 * plane_size:(c0 + count) * plane_size]
-        added = res[n].reshape(-1)[c0 * plane_size:(c0 + count) * plane_size] if has_res \
-            else block
+    if code != 0 or has_res:
+        # the job's output planes (every multiple of its channels) are contiguous: one epilogue
+        # call, so that the activation dispatch is compiled once
+        lo, hi = c0 * multiplier * plane_size, (c0 + count) * multiplier * plane_size
+        block = target[lo:hi]
+        added = res[n].reshape(-1)[lo:hi] if has_res else block
         epilogue_plane(block, np.float32(0), code, params, added, has_res, post_code,
                        post_params)
 
