@@ -507,8 +507,9 @@ def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack):
         pad_image(x5[n], xp, g[9], g[10], g[11])
         return xp
 
-    if not pack and group == 1 and workers == 1:
-        # small 1x1: one GEMM per image straight into out, then one epilogue pass over it
+    if not pack and group == 1 and workers == 1 and 4 * k_out * positions <= BLOCK_BYTES:
+        # small 1x1 whose output stays in L2: one GEMM per image straight into out, then one
+        # epilogue pass over it (larger outputs take the blocks, epilogue on each hot block)
         with serial_blas():
             for n in range(n_batch):
                 np.matmul(wmat[0], xs[n], out=target[n].reshape(k_out, positions))
