@@ -171,7 +171,7 @@ def test_1d_and_3d(algorithm, case):
     check(model, feeds, algorithm)
 
 
-def test_depthwise_3d_and_1d_use_the_generic_kernel():
+def test_depthwise_3d_and_1d_match_the_reference():
     model, feeds = conv_model((1, 4, 5, 6, 7), (4, 1, 3, 3, 3), {"pads": [1] * 6, "group": 4}, 4)
     check(model, feeds, "depthwise")
     model, feeds = conv_model((2, 4, 9), (4, 1, 3), {"pads": [1, 1], "group": 4}, 5)
