@@ -357,10 +357,11 @@ def direct_conv(xp, w, bias, out, g, group, code, params, res, post_code, post_p
 
 # ---- ConvTranspose: col2im -----------------------------------------------------------------------
 @njit(nogil=True, cache=True)
-def col2im(cols, out, g, in_spatial, bias):
-    """out (K, od, oh, ow) = bias + scatter of cols (K * taps, id, ih, iw): input position i and
-    tap t land on output i * stride + t * dilation - pad. Gathered per output row; serial (a
-    task of conv_transpose's threads, each with its own output channels)."""
+def col2im(cols, out, g, in_spatial, bias, start):
+    """out (K, od, oh, ow) = bias + scatter of one image's columns cols[:, start:start + S_in]
+    (K * taps rows, S_in = id * ih * iw input positions each; several images' columns may sit
+    side by side): input position i and tap t land on output i * stride + t * dilation - pad.
+    Gathered per output row; serial (a task of its driver's threads)."""
     kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
     depth, height, width = in_spatial
     k_out = out.shape[0]
@@ -381,9 +382,9 @@ def col2im(cols, out, g, in_spatial, bias):
                 ty = y + ph - b * dh
                 if ty < 0 or ty % sh != 0 or ty // sh >= height:
                     continue
-                iy = ty // sh
+                base = start + (iz * height + ty // sh) * width
                 for e in range(kw):
-                    src = cols[k * taps + (a * kh + b) * kw + e, iz, iy]
+                    src = cols[k * taps + (a * kh + b) * kw + e, base:base + width]
                     off = e * dw - pw
                     lo, hi = _valid_range(width, sw, off, ow)  # input columns that land
                     part = row[lo * sw + off:]
@@ -687,8 +688,8 @@ def conv_transpose(x, wt, bias, out, ws, g, group=1):
             np.matmul(wt, xs[n], out=cols.reshape(group, rows // group, positions))
         else:
             np.matmul(wt[0, k0 * taps:k1 * taps], xs[n][0], out=cols.reshape(rows, positions))
-        col2im(cols.reshape((rows,) + in_spatial), target[n, k0:k1], g, in_spatial,
-               bias[k0:k1] if bias.shape[0] else bias)
+        col2im(cols.reshape(rows, positions), target[n, k0:k1], g, in_spatial,
+               bias[k0:k1] if bias.shape[0] else bias, 0)
 
     with serial_blas():
         run_tasks(task, n_batch * kparts, workers)

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .conv import run_tasks, serial_blas, threads
+from .conv import _valid_range, col2im, run_tasks, serial_blas, threads
 from .epilogue import bias_activation
 from .winograd import conv_winograd
 from .winograd import scratch_size as winograd_scratch
@@ -79,18 +79,6 @@ def epilogue(y3, bias, act, residual, post) -> None:
     res = _EMPTY3 if residual is None else planes(residual)
     bias_activation(y3, y3, NO_BIAS if bias is None else bias, code, params, res, post_code,
                     post_params)
-
-
-@njit(inline="always", cache=True)
-def _valid_range(count, stride, offset, size):
-    """[lo, hi): the o in [0, count) with 0 <= o * stride + offset < size."""
-    lo = 0
-    if offset < 0:
-        lo = (-offset + stride - 1) // stride
-    last = size - 1 - offset
-    hi = last // stride + 1 if last >= 0 else 0
-    hi = min(hi, count)
-    return min(lo, hi), hi
 
 
 # ---- work sharing --------------------------------------------------------------------------------
@@ -186,44 +174,6 @@ def columns_to(yt, out, start):
     positions = out.shape[1]
     for k in range(out.shape[0]):
         out[k] = yt[k, start:start + positions]
-
-
-@njit(nogil=True, cache=True)
-def col2im_image(cols, out, g, in_spatial, bias, start):
-    """out (K, od, oh, ow) = bias + the scatter of one image's columns cols[:, start:start + S_in]
-    (K * taps rows): input position i and tap t land on output i * stride + t * dilation - pad.
-    Gathered per output row."""
-    kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
-    depth, height, width = in_spatial
-    k_out = out.shape[0]
-    taps = kd * kh * kw
-    has_bias = bias.shape[0] != 0
-    for k in range(k_out):
-        for z in range(od):
-            for y in range(oh):
-                row = out[k, z, y]
-                row[:] = bias[k] if has_bias else np.float32(0)
-                for a in range(kd):
-                    tz = z + pd - a * dd
-                    if tz < 0 or tz % sd != 0 or tz // sd >= depth:
-                        continue
-                    iz = tz // sd
-                    for b in range(kh):
-                        ty = y + ph - b * dh
-                        if ty < 0 or ty % sh != 0 or ty // sh >= height:
-                            continue
-                        base = start + (iz * height + ty // sh) * width
-                        for e in range(kw):
-                            src = cols[k * taps + (a * kh + b) * kw + e, base:base + width]
-                            off = e * dw - pw
-                            lo, hi = _valid_range(width, sw, off, ow)  # input columns that land
-                            if sw == 1:
-                                part = row[max(0, lo + off):]
-                                for i in range(hi - lo):
-                                    part[i] += src[lo + i]
-                            else:
-                                for i in range(lo, hi):
-                                    row[i * sw + off] += src[i]
 
 
 # ---- convolution with run-time weights -----------------------------------------------------------
@@ -370,7 +320,7 @@ def conv_transpose_batched(x, w, bias, out, ws, g, group=1):
         np.matmul(wq.T, xt[q * c_group:(q + 1) * c_group], out=cols[r0:r1])
 
     def scatter(slot, n):
-        col2im_image(cols, target.array[n], g, in_spatial, bias, n * positions)
+        col2im(cols, target.array[n], g, in_spatial, bias, n * positions)
 
     with serial_blas():
         run_tasks(gather, n_batch, threads())
