@@ -219,11 +219,9 @@ _UNARY = {
     "Unsqueeze": lambda torch, F, x, a: x.reshape(_unsqueezed(x.shape, a["axes"])),
     "ReduceMean": lambda torch, F, x, a: x.mean(
         dim=tuple(a["axes"]) if a["axes"] else tuple(range(x.dim())), keepdim=bool(a["keepdims"])),
-    "InstanceNormalization": None,  # needs scale and bias: its own rule below
 }
 for _op, _fn in _UNARY.items():
-    if _fn is not None:
-        RULES[_op] = _unary(_fn)
+    RULES[_op] = _unary(_fn)
 
 
 def _unsqueezed(shape, axes) -> list[int]:
