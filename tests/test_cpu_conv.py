@@ -403,18 +403,6 @@ def test_drivers_split_the_same_with_any_thread_count(threads):
         numba.set_num_threads(saved)
 
 
-def test_run_tasks_runs_every_task_once_on_any_thread_count():
-    from cnncompile.backends.cpu.kernels.conv import run_tasks
-
-    for workers in (1, 2, 5):
-        seen = []
-        run_tasks(lambda slot, index: seen.append((slot, index)), 37, workers)
-        assert sorted(index for _, index in seen) == list(range(37))
-        assert {slot for slot, _ in seen} <= set(range(workers))
-    with pytest.raises(ZeroDivisionError):
-        run_tasks(lambda slot, index: 1 // (index - 3), 8, 2)
-
-
 # ---- declines and defaults -----------------------------------------------------------------------
 def test_float64_falls_back_to_reference():
     rng = np.random.default_rng(51)

@@ -267,7 +267,7 @@ def test_generated_kernel_is_cached():
 
 # ---- Gemm / MatMul -----------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["fc", "trans_a_alpha_beta", "column_bias", "full_c",
-                                  "scalar_c", "no_c", "runtime_b_c", "rows_first"])
+                                  "scalar_c", "no_c", "runtime_b_c", "wide"])
 def test_gemm(case):
     rng = np.random.default_rng(15)
     m, k, n = 3, 7, 11
@@ -283,8 +283,9 @@ def test_gemm(case):
         c = randn(rng, m, n)
     elif case == "scalar_c":
         c = randn(rng)
-    elif case == "rows_first":  # few rows, many columns: B is kept as (N, K) rows
-        n = 1031
+    elif case == "wide":  # many columns: several column blocks, B read untransposed
+        k, n = 700, 1031
+        a = randn(rng, m, k)
         b, c, attrs = randn(rng, k, n), randn(rng, m, 1), dict(alpha=0.75, beta=1.5)
     if case == "runtime_b_c":
         feeds = {"a": a, "b": b, "c": randn(rng, m, n)}
@@ -293,8 +294,30 @@ def test_gemm(case):
         inits = {"b": b} if case == "no_c" else {"b": b, "c": c}
         feeds = {"a": a}
         model = node_model("Gemm", feeds, initializers=inits, **attrs)
-    cpu, _ = run_both(model, feeds, ["Gemm"])
-    assert ("b_rows=True" in cpu.source) == (case == "rows_first")
+    run_both(model, feeds, ["Gemm"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a,trans_b", [(0, 0), (1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("m", [1, 5])
+def test_gemm_kernel_operands(dtype, trans_a, trans_b, m):
+    """The Gemm kernel on transposed views, a strided destination and a strided operand (copied),
+    against NumPy in float64: sgemm's (and for one row sgemv's) flags and pitches, and the
+    float64 path."""
+    from cnncompile.backends.cpu.kernels.gemm import gemm
+
+    rng = np.random.default_rng(7)
+    k, n = 300, 1500  # >= 2M multiply-adds (m = 5), 450K weights (m = 1): several blocks
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, 2 * k) if trans_b else (k, n)).astype(dtype)
+    b = b[:, ::2] if trans_b else b  # neither rows nor columns contiguous: a copy
+    a_op = a.T if trans_a else a
+    b_op = b.T if trans_b else b
+    c = rng.standard_normal((1, n)).astype(dtype)
+    out = np.zeros((m, 2 * n), dtype)[:, :n]
+    gemm(a_op, b_op, out, c, 0.5, 2.0)
+    expected = 0.5 * (a_op.astype(np.float64) @ b_op.astype(np.float64)) + 2.0 * c
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_gemm_and_flatten():

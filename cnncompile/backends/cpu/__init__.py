@@ -3,10 +3,12 @@
 Numba's on-disk cache goes under the user's cache directory (``$XDG_CACHE_HOME/cnncompile/numba``)
 unless NUMBA_CACHE_DIR is set, so each kernel family compiles once per machine.
 
-Numba's parallel kernels (OpenMP threading layer) and NumPy's OpenBLAS take turns on the same cores.
-OpenMP threads that busy-wait after a parallel region steal the cores from the next BLAS call (measured
-here: parallel regions 16 ms instead of 12 us under load), so OMP_WAIT_POLICY defaults to PASSIVE
-unless the user set it.
+Every parallel kernel is an OpenMP region of Numba's (the GEMM drivers call OpenBLAS from inside
+theirs), so how long OpenMP's idle threads spin matters. Measured here: a region takes 2 us when its
+threads are still spinning and 50-100 us to wake them from sleep, while spinning for libgomp's
+default 300,000 rounds (a few ms) made a 0.3 ms region take 8 ms when another process held a core.
+GOMP_SPINCOUNT defaults to 30,000 (about 200 us: the gap between two kernels of a run) unless the
+user set it or OMP_WAIT_POLICY.
 """
 
 import os
@@ -19,7 +21,8 @@ if "NUMBA_CACHE_DIR" not in os.environ:
     if "numba" in sys.modules:  # numba read the environment when it was imported
         sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from .backend import CpuBackend  # noqa: E402
 

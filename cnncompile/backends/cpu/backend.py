@@ -174,10 +174,6 @@ def compile_workers() -> int:
     return max(0, min((os.cpu_count() or 1) - 1, 3))
 
 
-#: name prefix of the kernel drivers' helper threads (kernels.conv.run_tasks)
-DRIVER_THREADS = "cnncompile-"
-
-
 class RunGate:
     """Runs of compiled modules hold it shared; a warm-up's recording run (which swaps kernels
     process-wide) holds it alone."""
@@ -264,8 +260,7 @@ class SignatureRecorder:
         return False
 
     def call(self, dispatcher, args, kwargs):
-        if threading.get_ident() != self.thread and \
-                not threading.current_thread().name.startswith(DRIVER_THREADS):
+        if threading.get_ident() != self.thread:
             return dispatcher(*args, **kwargs)
         if kwargs:
             raise _Unrecordable("keyword arguments")

@@ -21,7 +21,6 @@ from .codegen import Codegen
 from .emitters import emits, literal
 from .kernels import elementwise as ew
 from .kernels.epilogue import UnsupportedActivation, activation_code
-from .kernels.gemm import rows_first
 from .kernels.misc import parallel_variant
 from .kernels.pool import geometry3, spatial3
 
@@ -249,7 +248,6 @@ def emit_gemm(node: Node, cg: Codegen):
     attrs = node.attrs
     alpha, beta = attrs["alpha"], attrs["beta"]
     a_expr = cg.arg(a) + (".T" if attrs["transA"] else "")
-    b_rows = False
     if b.is_constant:
         # B is stored as the model holds it (a Linear layer's (N, K) with transB) and read
         # through a transposed view where the product wants the other orientation: copying a
@@ -258,10 +256,8 @@ def emit_gemm(node: Node, cg: Codegen):
         if alpha != 1.0:
             data = (alpha * data.astype(np.float64)).astype(dtype)
             alpha = 1.0
-        m, n = y.type.shape
-        b_rows = rows_first(m, n)
         name = cg.constant(np.ascontiguousarray(data), f"{node.name}_B")
-        b_expr = name if b_rows == bool(attrs["transB"]) else f"{name}.T"
+        b_expr = f"{name}.T" if attrs["transB"] else name
     else:
         b_expr = cg.arg(b) + (".T" if attrs["transB"] else "")
     c_expr = "None"
@@ -277,7 +273,7 @@ def emit_gemm(node: Node, cg: Codegen):
     params_expr = cg.constant(params, f"{node.name}_act") if code else "None"
     fn = cg.kernel(f"{KERNELS}.gemm", "gemm")
     cg.line(f"{fn}({a_expr}, {b_expr}, {cg.dest(y)}, {c_expr}, {alpha!r}, {beta!r}, {code}, "
-            f"{params_expr}{', b_rows=True' if b_rows else ''})")
+            f"{params_expr})")
     return None
 
 

@@ -1,86 +1,70 @@
-"""How the CPU backend shares the cores: Numba's threads, NumPy's OpenBLAS and the drivers' tasks.
+"""How the CPU backend shares the cores: Numba's OpenMP threads and NumPy's OpenBLAS.
 
-Two fork-join pools on the same cores stall each other, and a fork-join pool on a machine where
-another process holds a core stalls every region until that core comes back. OpenBLAS is the worst
-case: it splits each GEMM statically over its threads and spins until all parts are done, and an idle
-OpenBLAS worker keeps spinning for a while after its last GEMM. Measured on this 2-core machine:
-ResNet-18 at batch 1 ran 714 ms with OpenBLAS on 2 threads against 37 ms on 1 under a load average
-of ~4, and 52 ms against 30.5 ms on a quiet machine when OpenBLAS went back to 2 threads between
-convolutions.
-
-So a module runs with OpenBLAS on ONE thread (``thread_limit``, restored when the run ends) and the
-drivers split their work into tasks themselves (``run_tasks``): the calling thread and helper threads
-take the next task from a shared counter, each running a serial Numba kernel or a single-threaded
-BLAS call (both release the GIL). Whoever is scheduled does the work; a helper that never got a core
-never took a task, and the call does not wait for it.
+Every parallel kernel is one Numba ``prange`` region; the GEMM drivers (kernels/conv.py, gemm.py,
+winograd.py, training.py) call OpenBLAS's sgemm from inside theirs (kernels/blas.py), one
+single-threaded GEMM per task. So a module runs with OpenBLAS on ONE thread (``thread_limit``,
+restored when the run ends): two fork-join pools on two cores stall each other (measured: ResNet-18
+at batch 1 took 714 ms with OpenBLAS on 2 threads against 37 ms on 1 under a load average of ~4),
+and a multi-threaded OpenBLAS called from several OpenMP threads would share one pool. Earlier
+drivers ran Python tasks on a thread pool between BLAS calls; a region of OpenMP's costs ~2 us
+while its threads spin, against 50-100 us for waking a parked Python helper, which made layers
+under ~0.3 ms 2x slower (see cpu/__init__.py for how long OpenMP spins).
 """
 
 from __future__ import annotations
 
 import ctypes
-import itertools
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import numba
 
-_EXECUTOR: list = []
 _OPENBLAS: list = []
+_LIBRARY: list = []
+_RUN = threading.local()  # .threads: this thread's Numba thread count in its open thread_limits
+_THREAD_API = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+               ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+               ("openblas_get_num_threads", "openblas_set_num_threads")]
 
 
 def threads() -> int:
-    """Threads a driver may use: Numba's current count (the backend's ``threads`` setting)."""
-    return numba.get_num_threads()
+    """Threads a driver may use: Numba's current count (the backend's ``threads`` setting; read
+    once per module run, since numba.get_num_threads costs microseconds per kernel call)."""
+    stack = getattr(_RUN, "threads", None)
+    return stack[-1] if stack else numba.get_num_threads()
 
 
-def _drain(fn, counter, count, slot):
-    for index in iter(counter.__next__, None):
-        if index >= count:
-            return
-        fn(slot, index)
+def openblas_library():
+    """NumPy's OpenBLAS as a ctypes library (None when NumPy uses another BLAS)."""
+    if not _LIBRARY:
+        import numpy  # noqa: F401  (loads its BLAS, so that /proc/self/maps lists it)
 
-
-def run_tasks(fn, count: int, workers: int) -> None:
-    """fn(slot, index) for every index in range(count), on up to ``workers`` threads: the caller
-    (slot 0) and helpers (slots 1...), each taking the next index when free. ``slot`` names the
-    thread's private scratch. fn must release the GIL (nogil Numba kernels, BLAS) to overlap."""
-    helpers = min(workers, count) - 1
-    if helpers <= 0:
-        for index in range(count):
-            fn(0, index)
-        return
-    if not _EXECUTOR:
-        _EXECUTOR.append(ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
-                                            thread_name_prefix="cnncompile-conv"))
-    counter = itertools.count()
-    futures = [_EXECUTOR[0].submit(_drain, fn, counter, count, slot)
-               for slot in range(1, helpers + 1)]
-    _drain(fn, counter, count, 0)
-    for future in futures:
-        if not future.cancel():  # a helper that never started has nothing left to do
-            future.result()
+        found = None
+        try:
+            with open("/proc/self/maps", encoding="utf-8") as f:
+                paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
+        except OSError:
+            paths = []
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            if any(hasattr(lib, getter) for getter, _ in _THREAD_API):
+                found = lib
+                break
+        _LIBRARY.append(found)
+    return _LIBRARY[0]
 
 
 def openblas():
     """(get, set) of NumPy's OpenBLAS thread count, or None when NumPy uses another BLAS."""
     if _OPENBLAS:
         return _OPENBLAS[0]
-    names = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-             ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-             ("openblas_get_num_threads", "openblas_set_num_threads")]
+    lib = openblas_library()
     found = None
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
-    except OSError:
-        paths = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for getter, setter in names:
-            if found is None and hasattr(lib, getter) and hasattr(lib, setter):
-                found = (getattr(lib, getter), getattr(lib, setter))
+    for getter, setter in _THREAD_API:
+        if found is None and lib is not None and hasattr(lib, getter) and hasattr(lib, setter):
+            found = (getattr(lib, getter), getattr(lib, setter))
     _OPENBLAS.append(found)
     return found
 
@@ -125,11 +109,15 @@ class thread_limit:
         if self.threads:
             self.saved = numba.get_num_threads()
             numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        if not hasattr(_RUN, "threads"):
+            _RUN.threads = []
+        _RUN.threads.append(numba.get_num_threads())
         self.blas.__enter__()
         return self
 
     def __exit__(self, *exc):
         self.blas.__exit__(*exc)
+        _RUN.threads.pop()
         if self.saved is not None:
             numba.set_num_threads(self.saved)
         return False

@@ -8,37 +8,39 @@ The geometry travels as one tuple ``g`` of 15 ints, all for the 3 normalised axe
 
 kernel, strides, dilations, begin pads and the output size (which implies the end pads).
 
-GEMMs run through NumPy's BLAS (``np.matmul(..., out=)``) from the Python drivers; packing, im2col,
-col2im and the epilogue (``epilogue.py``: bias, activation, residual, post activation) are Numba.
-The drivers write into ``out``, which may be a strided view (a channel slice of a concat buffer
-with N > 1): each image of it is then contiguous, and a layout with no contiguous image is
-computed into a temporary and copied. ``ws`` is a flat float32 scratch buffer that the generated
-module allocates once (``scratch_size`` says how large; a smaller one makes a driver allocate).
+Packing, im2col, col2im and the epilogue (``epilogue.py``: bias, activation, residual, post
+activation) are Numba; the GEMMs are NumPy's OpenBLAS called from inside the Numba kernels
+(``blas.sgemm``). The drivers write into ``out``, which may be a strided view (a channel slice of a
+concat buffer with N > 1): each image of it is then contiguous (and is addressed as flat memory
+with an image pitch, ``flat_images``), and a layout with no contiguous image is computed into a
+temporary and copied. ``ws`` is a flat float32 scratch buffer that the generated module allocates
+once (``scratch_size`` says how large; a smaller one makes a driver allocate).
 
-Threads (im2col + GEMM, 1x1 GEMM and Winograd): the drivers split a convolution into tasks that
-``run_tasks`` hands to the calling thread and ``numba.get_num_threads() - 1`` helper threads,
-each task running serial ``nogil`` Numba kernels and a single-threaded BLAS call on data sized
-for its core's L2. Whoever is free takes the next task, so a descheduled helper (the machine
-is shared) delays a call by at most one task, where a static split over two thread pools
-(Numba's OpenMP threads, then OpenBLAS's) waited for the slower thread at every handoff; one
-pool also means no idle pool spinning on the cores the other one needs.
+Threads (im2col + GEMM, 1x1 GEMM, transposed, and Winograd in winograd.py): a driver is a few
+lines of Python that pick a plan from the shapes (cached per shape), then one parallel Numba call
+whose ``prange`` tasks each run im2col on their block into the thread's slot of ``ws``
+(``numba.get_thread_id``), a single-threaded sgemm straight into out and the epilogue on the block
+while it is in the core's cache.
 """
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from ..threads import run_tasks, serial_blas, threads  # noqa: F401  (the drivers' work sharing)
+from ..threads import serial_blas, threads
+from .blas import sgemm
 from .epilogue import RELU, activation_row, bias_activation, epilogue_plane
 
 NO_ACT = (0, 0.0, 0.0)
 NO_BIAS = np.zeros(0, dtype=np.float32)
 _EMPTY3 = np.zeros((0, 0, 0), dtype=np.float32)
 _EMPTY5 = np.zeros((0, 0, 0, 0, 0), dtype=np.float32)
+_EMPTY1 = np.zeros(0, dtype=np.float32)
 
 
 # ---- shape helpers (Python) ----------------------------------------------------------------------
@@ -397,7 +399,7 @@ def col2im(cols, out, g, in_spatial, bias, start):
                             part[i * sw] += seg[i]
 
 
-# ---- drivers (Python: BLAS calls between the Numba parts) ----------------------------------------
+# ---- im2col / 1x1 GEMM: one parallel Numba call per convolution ---------------------------------
 #: bytes of one task's im2col columns plus GEMM result: most of a core's L2 (2 MiB here); 1x1
 #: blocks have no columns, and a shorter row of positions per GEMM costs more (256x64 by 64x784
 #: into out ran 15% slower than by 64x3136)
@@ -407,35 +409,64 @@ BLOCK_BYTES = 3 << 19
 MIN_BLOCK = 128
 #: bytes of the batched columns and GEMM result of one group of small images
 BATCH_BYTES = 8 << 20
-#: convolutions with fewer multiply-adds run on the calling thread alone: a helper thread parked
-#: between tasks wakes too late to share sub-millisecond work (measured: 24 -> 144 channels at
-#: 56x56, 10.8M MACs, took 0.38-0.48 ms split over 2 threads and 0.23 ms as one GEMM)
-SERIAL_MACS = 1 << 25
+#: output rows of a block of weights, a multiple of OpenBLAS's register tile
+ROW_ALIGN = 16
+BLOCKS, BATCHED = 0, 1
 
 
 @lru_cache(maxsize=1024)
-def gemm_plan(n_batch, rows, k_out, positions, workers, pad=0, pack=True):
-    """How ``conv_im2col`` / ``conv_gemm_1x1`` split a call, and the float32 scratch it needs
-    (``pad``: elements of one padded image, 0 when the columns need no padded copy; ``pack``:
-    im2col columns, not views of x):
+def gemm_plan(n_batch, rows, k_out, positions, workers, pad=0, pack=True, group=1):
+    """How ``conv_im2col`` / ``conv_gemm_1x1`` split a call into the tasks of a parallel loop, and
+    the float32 scratch it needs (``pad``: elements of one padded image, 0 when the columns need
+    no padded copy; ``pack``: im2col columns, not views of x). Returns (mode, a, b, kb, size):
 
-    * ("blocks", pb, nblocks, size): every image padded (a task each), then each task one block
-      of <= pb output positions of one image: its columns (im2col into the task's own scratch, or
-      a view of x for 1x1), a GEMM straight into out and the epilogue on the block while it is
-      in cache;
-    * ("batched", nb, 0, size): for few positions per image (7x7, 14x14 outputs), the columns of
-      nb images side by side (a task per image), then one GEMM per block of output channels (a
+    * (BLOCKS, pb, nblocks, kb, size): every image padded (a task each), then each task one block
+      of <= pb output positions and <= kb output rows of one image: its columns (im2col into the
+      thread's own scratch, or a view of x for 1x1), a GEMM straight into out and the epilogue on
+      the block while it is in cache. Few large blocks split their rows too, so that every
+      thread has one (a 1x1 layer of 10M multiply-adds took 0.23 ms as one GEMM on one thread).
+    * (BATCHED, nb, 0, 0, size): for few positions per image (7x7, 14x14 outputs), the columns
+      of nb images side by side (a task per image), then one GEMM per block of output rows (a
       task each; the weights are read once, not once per image), the epilogue scattering each
-      image's part into out. Splitting the weights' rows costs less than splitting a short
-      row of positions (measured 3-7% against 17-40% single-threaded)."""
+      image's part into out. Splitting the weights' rows costs less than splitting a short row
+      of positions (measured 3-7% against 17-40% single-threaded)."""
+    slots = numba.config.NUMBA_NUM_THREADS  # thread ids index the scratch: size it for all
     per_position = 4 * (rows * pack + k_out)
     budget = max(1, BLOCK_BYTES // per_position)  # the block's columns and its output
     nblocks = max(-(-positions // budget), -(-workers // n_batch))
     pb = -(-positions // nblocks)
-    if pb >= MIN_BLOCK or positions >= budget:
-        return "blocks", pb, nblocks, n_batch * pad + workers * rows * pb * pack
-    nb = max(1, min(n_batch, BATCH_BYTES // (4 * (rows + k_out) * positions)))
-    return "batched", nb, 0, workers * pad + (rows + k_out) * nb * positions
+    if pb < MIN_BLOCK and positions < budget:
+        nb = max(1, min(n_batch, BATCH_BYTES // (4 * (rows + k_out) * positions)))
+        width = nb * positions
+        columns = rows * width if pack or nb > 1 else 0
+        return BATCHED, nb, 0, 0, slots * pad + columns + (k_out * width if nb > 1 else 0)
+    nblocks = -(-positions // pb)
+    kb = k_out
+    tasks = n_batch * nblocks
+    if group == 1 and tasks < workers:
+        parts = -(-workers // tasks)
+        kb = max(ROW_ALIGN, -(-k_out // parts // ROW_ALIGN) * ROW_ALIGN)
+    elif tasks % workers and tasks < 4 * workers:  # equal shares: one more block each
+        nblocks = -(-(-(-tasks // workers) * workers) // n_batch)
+        pb = -(-positions // nblocks)
+    return BLOCKS, pb, -(-positions // pb), kb, n_batch * pad + slots * rows * pb * pack
+
+
+def row_blocks(rows: int, group: int, workers: int, per_worker: int = 1,
+               min_rows: int = 8) -> list[tuple[int, int]]:
+    """[(first, end)] rows of a (group * rows)-row product: whole groups, each split into about
+    ``per_worker`` blocks per thread when there are fewer groups than that, none thinner than
+    ``min_rows``."""
+    parts = 1 if workers <= 1 else max(1, min(-(-per_worker * workers // group),
+                                              rows // min_rows))
+    step = -(-rows // parts)
+    return [(q * rows + r, q * rows + min(rows, r + step)) for q in range(group)
+            for r in range(0, rows, step)]
+
+
+@lru_cache(maxsize=1024)
+def _row_block_array(rows: int, group: int, workers: int) -> np.ndarray:
+    return np.array(row_blocks(rows, group, workers), dtype=np.int64).reshape(-1, 2)
 
 
 def scratch_size(algorithm: str, x_shape, w_shape, g, group: int = 1) -> int:
@@ -447,8 +478,8 @@ def scratch_size(algorithm: str, x_shape, w_shape, g, group: int = 1) -> int:
     if algorithm in ("im2col_gemm", "grouped", "gemm_1x1"):
         pad = 0 if algorithm == "gemm_1x1" else padded_size(g, x_shape)
         plan = gemm_plan(x_shape[0], channels * kd * kh * kw, w_shape[0], od * oh * ow,
-                         workers, pad, algorithm != "gemm_1x1")
-        return plan[3]
+                         workers, pad, algorithm != "gemm_1x1", group)
+        return plan[4]
     if algorithm in ("direct", "depthwise"):
         batch = x_shape[0]  # whole batches at once (one image at a time when out is strided)
         return batch * channels * int(np.prod(padded_shape(g)))
@@ -469,141 +500,183 @@ def padded_size(g, x_shape) -> int:
     return x_shape[1] * int(np.prod(spatial))
 
 
-def _flat_images(a5: np.ndarray) -> list:
-    """Each image of a (N, ...) array as a flat view (a copy where an image is not contiguous)."""
-    return [contiguous(a5[n]).reshape(-1) for n in range(a5.shape[0])]
+def flat_images(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """(flat, pitch): a 1-D view of a's memory from its first element and the elements from one
+    image to the next, for an array whose images are each contiguous (a channel slice of a
+    concat buffer is; the memory between its images belongs to the other inputs)."""
+    if a.flags.c_contiguous:
+        return a.reshape(-1), a[0].size
+    pitch = a.strides[0] // a.itemsize
+    span = (a.shape[0] - 1) * pitch + a[0].size
+    return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(a.itemsize,)), pitch
+
+
+@njit(inline="always", cache=True)
+def _columns(x5, xp, col, g, rows, p0, j0, count, pack):
+    """Columns [j0, j0 + count) of col: im2col of output positions [p0, p0 + count) of image
+    x5 (read through its padded copy xp when xp is not empty), or for 1x1 (not pack) x5's own
+    rows copied."""
+    if not pack:
+        for c in range(rows):
+            src = x5[c, 0, 0]
+            dst = col[c, j0:j0 + count]
+            for i in range(count):
+                dst[i] = src[p0 + i]
+    elif xp.shape[0] != 0:
+        im2col_block(xp, col, g, 0, rows, p0, j0, count)
+    else:
+        im2col_block(x5, col, g, 0, rows, p0, j0, count)
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _gemm_conv_blocks(x5, xps, w, bias, out, out_pitch, res, res_pitch, buf, g, pack, pb, kb,
+                      code, params, post_code, post_params):
+    """The BLOCKS plan (gemm_plan) in one parallel loop; out and res flat (flat_images)."""
+    n_batch = x5.shape[0]
+    group, k_group, rows_g = w.shape
+    rows = group * rows_g
+    k_out = group * k_group
+    positions = g[12] * g[13] * g[14]
+    padded = xps.shape[0] != 0
+    for n in prange(n_batch if padded else 0):
+        pad_image(x5[n], xps[n], g[9], g[10], g[11])
+    nblocks = (positions + pb - 1) // pb
+    nk = (k_out + kb - 1) // kb
+    has_epilogue = bias.shape[0] != 0 or code != 0 or res.shape[0] != 0
+    x_pitch = x5.strides[0] // 4
+    per_slot = rows * pb
+    for task in prange(n_batch * nk * nblocks):
+        n = task // (nk * nblocks)
+        k0 = (task // nblocks) % nk * kb
+        k1 = min(k_out, k0 + kb)
+        p0 = task % nblocks * pb
+        count = min(pb, positions - p0)
+        at = n * out_pitch + k0 * positions + p0
+        if pack:
+            slot = numba.get_thread_id()
+            col = buf[slot * per_slot:(slot + 1) * per_slot].reshape((rows, pb))
+            if padded:
+                im2col_block(xps[n], col, g, 0, rows, p0, 0, count)
+            else:
+                im2col_block(x5[n], col, g, 0, rows, p0, 0, count)
+            for q in range(group):
+                sgemm(0, 0, k1 - k0 if group == 1 else k_group, count, rows_g,
+                      w, (q * k_group + k0) * rows_g, rows_g, col, q * rows_g * pb, pb,
+                      0.0, out, at + q * k_group * positions, positions)
+        else:
+            sgemm(0, 0, k1 - k0, count, rows, w, k0 * rows, rows,
+                  x5, n * x_pitch + p0, positions, 0.0, out, at, positions)
+        if has_epilogue:
+            epilogue_rows(_EMPTY1, 0, out, at, res, n * res_pitch + k0 * positions + p0,
+                          (0, positions, positions), k1 - k0, count,
+                          bias[k0:k1] if bias.shape[0] != 0 else bias, code, params,
+                          post_code, post_params)
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _gemm_conv_batched(x5, xp_buf, w, bias, out, out_pitch, res, res_pitch, col_buf, y_buf, g,
+                       pack, nb, blocks, code, params, post_code, post_params):
+    """The BATCHED plan (gemm_plan): per group of nb images, their columns side by side (a task
+    per image), then a task per block of output rows (``blocks``, row_blocks)."""
+    n_batch, channels = x5.shape[0], x5.shape[1]
+    group, k_group, rows_g = w.shape
+    rows = group * rows_g
+    positions = g[12] * g[13] * g[14]
+    pad = xp_buf.shape[0] // numba.config.NUMBA_NUM_THREADS
+    dp, hp, wp = (g[12] - 1) * g[3] + (g[0] - 1) * g[6] + 1, \
+        (g[13] - 1) * g[4] + (g[1] - 1) * g[7] + 1, (g[14] - 1) * g[5] + (g[2] - 1) * g[8] + 1
+    x_pitch = x5.strides[0] // 4
+    has_epilogue = bias.shape[0] != 0 or code != 0 or res.shape[0] != 0
+    for n0 in range(0, n_batch, nb):
+        n1 = min(n_batch, n0 + nb)
+        width = (n1 - n0) * positions
+        direct = n1 - n0 == 1  # one image: every GEMM writes straight into out
+        filled = col_buf.shape[0] >= rows * width  # no columns: 1x1, one image at a time
+        col = col_buf[:rows * width if filled else 0].reshape((rows if filled else 0, width))
+        for j in prange(n1 - n0 if pack or not direct else 0):
+            xp = xp_buf[:0].reshape((0, 0, 0, 0))
+            if pad:
+                slot = numba.get_thread_id()
+                xp = xp_buf[slot * pad:(slot + 1) * pad].reshape((channels, dp, hp, wp))
+                pad_image(x5[n0 + j], xp, g[9], g[10], g[11])
+            _columns(x5[n0 + j], xp, col, g, rows, 0, j * positions, positions, pack)
+        for b in prange(blocks.shape[0]):
+            k0, k1 = blocks[b, 0], blocks[b, 1]
+            r0 = k0 // k_group * rows_g
+            bias_part = bias[k0:k1] if bias.shape[0] != 0 else bias
+            if direct:
+                at = n0 * out_pitch + k0 * positions
+                if pack:
+                    sgemm(0, 0, k1 - k0, positions, rows_g, w, k0 * rows_g, rows_g,
+                          col, r0 * width, width, 0.0, out, at, positions)
+                else:
+                    sgemm(0, 0, k1 - k0, positions, rows_g, w, k0 * rows_g, rows_g,
+                          x5, n0 * x_pitch + r0 * positions, positions, 0.0, out, at, positions)
+                if has_epilogue:
+                    epilogue_rows(_EMPTY1, 0, out, at, res, n0 * res_pitch + k0 * positions,
+                                  (0, positions, positions), k1 - k0, positions, bias_part,
+                                  code, params, post_code, post_params)
+                continue
+            sgemm(0, 0, k1 - k0, width, rows_g, w, k0 * rows_g, rows_g, col, r0 * width, width,
+                  0.0, y_buf, k0 * width, width)
+            for j in range(n1 - n0):
+                n = n0 + j
+                epilogue_rows(y_buf, k0 * width + j * positions, out,
+                              n * out_pitch + k0 * positions, res, n * res_pitch + k0 * positions,
+                              (width, positions, positions), k1 - k0, positions, bias_part, code,
+                              params, post_code, post_params)
+
+
+@lru_cache(maxsize=1024)
+def _call_plan(x_shape, w_shape, g, workers, pack):
+    """Everything _gemm_conv derives from the shapes alone, once per layer shape: (mode, a, kb,
+    scratch size, padded elements, padded image shape, row blocks)."""
+    group, k_group, rows_g = w_shape
+    pad = padded_size(g, x_shape) if pack else 0
+    mode, a, _, kb, need = gemm_plan(x_shape[0], group * rows_g, group * k_group,
+                                     g[12] * g[13] * g[14], workers, pad, pack, group)
+    blocks = _row_block_array(k_group, group, workers) if mode == BATCHED else None
+    return mode, a, kb, need, pad, (x_shape[0], x_shape[1]) + padded_shape(g), blocks
 
 
 def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack):
     """The shared driver of conv_im2col (pack: im2col columns) and conv_gemm_1x1 (the columns
-    are x itself); see gemm_plan for the two ways it splits the work into tasks."""
-    n_batch, channels = x5.shape[:2]
-    group, k_group, rows_g = wmat.shape
-    rows, k_out = group * rows_g, group * k_group
-    positions = g[12] * g[13] * g[14]
+    are x itself): a plan (gemm_plan), then one parallel Numba kernel calling sgemm per task."""
     code, params = epilogue_args(act)
     post_code, post_params = epilogue_args(post)
-    epi = (code, params, post_code, post_params)
     bias = NO_BIAS if bias is None else bias
-    has_epilogue = bias.shape[0] != 0 or code != 0 or residual is not None
-    workers = threads()
-    if n_batch * k_out * rows_g * positions < SERIAL_MACS:
-        workers = 1
-    pad = padded_size(g, x5.shape) if pack else 0
-    mode, size, nblocks, need = gemm_plan(n_batch, rows, k_out, positions, workers, pad, pack)
+    mode, a, kb, need, pad, xp_shape, blocks = _call_plan(x5.shape, wmat.shape, g, threads(),
+                                                          pack)
     buf = scratch(ws, need)
-    direct_out = out5[0].flags.c_contiguous
-    target = out5 if direct_out else np.empty(out5.shape, np.float32)
-    outs = [target[n].reshape(-1) for n in range(n_batch)]
-    empty = np.zeros(0, np.float32)
-    ress = [empty] * n_batch if residual is None else _flat_images(as5(residual))
-    xs = None if pack else [contiguous(x5[n]).reshape(rows, positions) for n in range(n_batch)]
-    spatial = (channels,) + padded_shape(g)
-
-    def padded(n, at):
-        """Image n as im2col reads it: padded into buf[at:] when it needs pads."""
-        if not pad:
-            return x5[n]
-        xp = buf[at:at + pad].reshape(spatial)
-        pad_image(x5[n], xp, g[9], g[10], g[11])
-        return xp
-
-    if not pack and group == 1 and workers == 1 and 4 * k_out * positions <= BLOCK_BYTES:
-        # small 1x1 whose output stays in L2: one GEMM per image straight into out, then one
-        # epilogue pass over it (larger outputs take the blocks, epilogue on each hot block)
-        with serial_blas():
-            for n in range(n_batch):
-                np.matmul(wmat[0], xs[n], out=target[n].reshape(k_out, positions))
-                if has_epilogue:
-                    epilogue_rows(empty, 0, outs[n], 0, ress[n], 0, (0, positions, positions),
-                                  k_out, positions, bias, *epi)
-    elif mode == "blocks":
-        pb = size
-        base = n_batch * pad
-        per_slot = rows * pb if pack else 0
-        xps = [None] * n_batch
-
-        def pad_task(slot, n):
-            xps[n] = padded(n, n * pad)
-
-        def task(slot, index):
-            n, block = divmod(index, nblocks)
-            p0 = block * pb
-            count = min(pb, positions - p0)
-            if count <= 0:
-                return
-            if pack:
-                col = buf[base + slot * per_slot:base + slot * per_slot + rows * pb]
-                col = col.reshape(rows, pb)
-                im2col_block(xps[n], col, g, 0, rows, p0, 0, count)
-                cols = col[:, :count]
-            else:
-                cols = xs[n][:, p0:p0 + count]
-            # straight into out (BLAS takes its row pitch), the epilogue in place while in cache
-            y = target[n].reshape(group, k_group, positions)[:, :, p0:p0 + count]
-            if group == 1:
-                np.matmul(wmat[0], cols, out=y[0])
-            else:
-                np.matmul(wmat, cols.reshape(group, rows_g, count), out=y)
-            if has_epilogue:
-                epilogue_rows(empty, 0, outs[n], p0, ress[n], p0, (0, positions, positions),
-                              k_out, count, bias, *epi)
-
-        with serial_blas():
-            if pack:
-                run_tasks(pad_task, n_batch, workers)
-            run_tasks(task, n_batch * nblocks, workers)
-    else:
-        nb = size
-        # blocks of output rows (first, last, their weights, their group's first column row):
-        # one per thread, split within groups when there are fewer groups than threads
-        parts = max(1, -(-workers // group))
-        kblocks = []
-        for q in range(group):
-            step = max(8, -(-k_group // parts))
-            for k0 in range(0, k_group, step):
-                k1 = min(k_group, k0 + step)
-                kblocks.append((q * k_group + k0, q * k_group + k1, wmat[q, k0:k1], q * rows_g))
-        base = workers * pad
-        with serial_blas():
-            for n0 in range(0, n_batch, nb):
-                n1 = min(n_batch, n0 + nb)
-                width = (n1 - n0) * positions
-                # one image: 1x1 reads x itself and every GEMM writes straight into out
-                alone = n1 - n0 == 1
-                col = xs[n0] if alone and not pack else buf[base:base + rows * width].reshape(
-                    rows, width)
-                y = buf[base + rows * width:base + (rows + k_out) * width]
-
-                def pack_task(slot, n, n0=n0, col=col):
-                    xp = padded(n0 + n, slot * pad) if pack else xs[n0 + n].reshape(
-                        (channels, 1, 1, positions))
-                    im2col_block(xp, col, g, 0, rows, 0, n * positions, positions)
-
-                def gemm_task(slot, index, n0=n0, n1=n1, col=col, y=y, width=width,
-                              alone=alone):
-                    k0, k1, wpart, r0 = kblocks[index]
-                    if alone:
-                        np.matmul(wpart, col[r0:r0 + rows_g],
-                                  out=target[n0].reshape(k_out, positions)[k0:k1])
-                        if has_epilogue:
-                            epilogue_rows(empty, 0, outs[n0], k0 * positions, ress[n0],
-                                          k0 * positions, (0, positions, positions), k1 - k0,
-                                          positions, bias[k0:k1], *epi)
-                        return
-                    np.matmul(wpart, col[r0:r0 + rows_g], out=y[k0 * width:k1 * width].reshape(
-                        k1 - k0, width))
-                    for n in range(n0, n1):
-                        at = (n - n0) * positions
-                        epilogue_rows(y, k0 * width + at, outs[n], k0 * positions, ress[n],
-                                      k0 * positions, (width, positions, positions), k1 - k0,
-                                      positions, bias[k0:k1], *epi)
-
-                if pack or not alone:
-                    run_tasks(pack_task, n1 - n0, workers)
-                run_tasks(gemm_task, len(kblocks), workers)
-    if not direct_out:
+    if not pack and not x5[0].flags.c_contiguous:
+        x5 = np.ascontiguousarray(x5)
+    target = out5 if out5[0].flags.c_contiguous else np.empty(out5.shape, np.float32)
+    out, out_pitch = flat_images(target)
+    res, res_pitch = (_EMPTY1, 0) if residual is None else flat_images(contiguous_images(
+        as5(residual)))
+    wmat = contiguous(wmat)
+    with serial_blas():
+        if mode == BLOCKS:
+            n_pad = xp_shape[0] * pad
+            xps = buf[:n_pad].reshape(xp_shape) if pad else _EMPTY5
+            _gemm_conv_blocks(x5, xps, wmat, bias, out, out_pitch, res, res_pitch, buf[n_pad:],
+                              g, pack, a, kb, code, params, post_code, post_params)
+        else:
+            group, k_group, rows_g = wmat.shape
+            slot_pad = numba.config.NUMBA_NUM_THREADS * pad
+            width = a * g[12] * g[13] * g[14]
+            columns = group * rows_g * width if pack or a > 1 else 0
+            rest = buf[slot_pad:]
+            _gemm_conv_batched(x5, buf[:slot_pad], wmat, bias, out, out_pitch, res, res_pitch,
+                               rest[:columns], rest[columns:], g, pack, a, blocks, code, params,
+                               post_code, post_params)
+    if target is not out5:
         out5[...] = target
+
+
+def contiguous_images(a5: np.ndarray) -> np.ndarray:
+    """a5 itself when each image is contiguous, else a contiguous copy."""
+    return a5 if a5[0].flags.c_contiguous else np.ascontiguousarray(a5)
 
 
 def _epilogue_block(y3, bias, code, params, res5, post_code, post_params):
@@ -618,12 +691,15 @@ def conv_gemm_1x1(x, wmat, bias, out, act=NO_ACT, residual=None, post=NO_ACT, ws
     """1x1, stride 1, unpadded: Y[K, S] = W[K, C] @ X[C, S] per image (blocks of S, or the
     columns of several small images side by side), the epilogue fused; ``ws`` as scratch_size
     ("gemm_1x1") says (None: allocated per call)."""
-    x5, out5 = as5(x), as5(out)
-    k_out = out5.shape[1]
-    g = geometry((1,), (1,), (1,), (0, 0), (int(np.prod(x5.shape[2:])),))
-    _gemm_conv(x5.reshape(x5.shape[:2] + (1, 1, -1)), wmat.reshape(1, k_out, -1), bias,
-               out5, ws, g, act, residual, post, pack=False)
+    positions = math.prod(x.shape[2:])
+    _gemm_conv(x.reshape(x.shape[:2] + (1, 1, positions)), wmat.reshape(1, wmat.shape[0], -1),
+               bias, as5(out), ws, _geometry_1x1(positions), act, residual, post, pack=False)
     return out
+
+
+@lru_cache(maxsize=256)
+def _geometry_1x1(positions: int) -> tuple[int, ...]:
+    return geometry((1,), (1,), (1,), (0, 0), (positions,))
 
 
 def conv_im2col(x, wmat, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post=NO_ACT):
@@ -656,43 +732,51 @@ def conv_direct(x, w, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post
     return out
 
 
+@njit(nogil=True, parallel=True, cache=True)
+def _transpose_tasks(x5, wt, bias, out5, buf, g, kparts):
+    """conv_transpose's tasks: per image and block of output channels, the columns (sgemm per
+    group into the thread's slot of buf), then col2im with the bias."""
+    n_batch, channels = x5.shape[0], x5.shape[1]
+    group, rows_g, c_group = wt.shape
+    positions = x5.shape[2] * x5.shape[3] * x5.shape[4]
+    taps = g[0] * g[1] * g[2]
+    k_out = out5.shape[1]
+    k_block = (k_out + kparts - 1) // kparts
+    per_slot = k_block * taps * positions
+    x_pitch = x5.strides[0] // 4
+    for task in prange(n_batch * kparts):
+        n = task // kparts
+        k0 = task % kparts * k_block
+        k1 = min(k_out, k0 + k_block)
+        if k0 < k1:
+            rows = (k1 - k0) * taps
+            at = numba.get_thread_id() * per_slot
+            cols = buf[at:at + rows * positions].reshape((rows, positions))
+            if group > 1:  # kparts is 1: every group
+                for q in range(group):
+                    sgemm(0, 0, rows_g, positions, c_group, wt, q * rows_g * c_group, c_group,
+                          x5, n * x_pitch + q * c_group * positions, positions, 0.0, cols,
+                          q * rows_g * positions, positions)
+            else:
+                sgemm(0, 0, rows, positions, channels, wt, k0 * taps * channels, channels, x5,
+                      n * x_pitch, positions, 0.0, cols, 0, positions)
+            col2im(cols, out5[n, k0:k1], g, (x5.shape[2], x5.shape[3], x5.shape[4]),
+                   bias[k0:k1] if bias.shape[0] != 0 else bias, 0)
+
+
 def conv_transpose(x, wt, bias, out, ws, g, group=1):
-    """ConvTranspose: per image cols[K/group * taps, S_in] = W_g^T @ X_g (one batched GEMM over
-    groups), then col2im with the bias. wt: (group, K/group * taps, C/group). One task per image
-    and block of output channels (whole groups when group > 1)."""
-    x5, out5 = as5(x), as5(out)
-    n_batch, channels = x5.shape[:2]
-    in_spatial = x5.shape[2:]
-    positions = int(np.prod(in_spatial))
+    """ConvTranspose: per image cols[K/group * taps, S_in] = W_g^T @ X_g (a GEMM per group),
+    then col2im with the bias. wt: (group, K/group * taps, C/group). One task per image and
+    block of output channels (whole groups when group > 1)."""
+    x5, out5 = contiguous_images(as5(x)), as5(out)
+    n_batch = x5.shape[0]
+    positions = int(np.prod(x5.shape[2:]))
     k_out = out5.shape[1]
     taps = g[0] * g[1] * g[2]
     bias = NO_BIAS if bias is None else bias
     workers = threads()
     kparts = 1 if group > 1 else max(1, min(k_out, -(-workers // n_batch)))
-    k_block = -(-k_out // kparts)
-    per_slot = k_block * taps * positions
-    buf = scratch(ws, workers * per_slot)
-    xs = [contiguous(x5[n]).reshape(group, channels // group, positions) for n in range(n_batch)]
-    direct_out = out5[0].flags.c_contiguous
-    target = out5 if direct_out else np.empty(out5.shape, np.float32)
-
-    def task(slot, index):
-        n, part = divmod(index, kparts)
-        k0 = part * k_block
-        k1 = min(k_out, k0 + k_block)
-        if k0 >= k1:
-            return
-        rows = (k1 - k0) * taps
-        cols = buf[slot * per_slot:slot * per_slot + rows * positions]
-        if group > 1:
-            np.matmul(wt, xs[n], out=cols.reshape(group, rows // group, positions))
-        else:
-            np.matmul(wt[0, k0 * taps:k1 * taps], xs[n][0], out=cols.reshape(rows, positions))
-        col2im(cols.reshape(rows, positions), target[n, k0:k1], g, in_spatial,
-               bias[k0:k1] if bias.shape[0] else bias, 0)
-
+    buf = scratch(ws, workers * -(-k_out // kparts) * taps * positions)
     with serial_blas():
-        run_tasks(task, n_batch * kparts, workers)
-    if not direct_out:
-        out5[...] = target
+        _transpose_tasks(x5, contiguous(wt), bias, out5, buf, g, kparts)
     return out

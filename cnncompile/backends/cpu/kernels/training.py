@@ -9,12 +9,10 @@ small next to the convolution. The im2col drivers put the whole batch's columns 
 that one wide GEMM serves every image (7x7 and 4x4 images give BLAS too narrow a product
 otherwise), and the weight gradient is one GEMM over the batch, not a sum of per-image ones.
 
-Convolutions run as rounds of tasks on conv.run_tasks (serial nogil Numba kernels and
-single-threaded BLAS, whoever is free taking the next task): on a shared machine a descheduled
-thread then delays a call by one task instead of stalling a static split (measured 3.6x slower
-than PyTorch with Numba's parallel loops and OpenBLAS's threads alternating, 0.6x with tasks, on
-the loaded 2-core machine). The memory-bound kernels (normalisation, pooling, activation
-gradients, optimizer updates) are Numba parallel loops.
+Each convolution driver is one parallel Numba call in rounds of ``prange`` tasks: the columns (a
+task per image), the GEMMs (blas.sgemm on blocks of rows, single-threaded OpenBLAS on each of
+OpenMP's threads), the scatter back into the images. The memory-bound kernels (normalisation,
+pooling, activation gradients, optimizer updates) are Numba parallel loops too.
 
 Shapes go through 5-D (N, C, D, H, W) views and conv.py's 15-int geometry tuple, so each kernel
 compiles once for 1-D, 2-D and 3-D.
@@ -28,7 +26,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .conv import _valid_range, col2im, run_tasks, serial_blas, threads
+from .blas import sgemm
+from .conv import _valid_range, col2im, padded_shape, row_blocks, serial_blas, threads
 from .epilogue import bias_activation
 from .winograd import conv_winograd
 from .winograd import scratch_size as winograd_scratch
@@ -82,26 +81,14 @@ def epilogue(y3, bias, act, residual, post) -> None:
 
 
 # ---- work sharing --------------------------------------------------------------------------------
-# Each driver is a few rounds of tasks (conv.run_tasks: the caller and helper threads take the next
-# task when free; serial nogil Numba kernels and single-threaded BLAS inside), so that a helper
-# the shared machine deschedules delays a call by one task, not by a whole static share.
-
 #: GEMM tasks get at least this many rows of the product (thinner blocks starve BLAS)
 MIN_TASK_ROWS = 32
 
 
-def row_blocks(rows: int, group: int, workers: int) -> list[tuple[int, int]]:
-    """[(first, last)] rows of a (group * rows) product: each group split into about two blocks
-    per worker (so that a slow thread's share is small), none thinner than MIN_TASK_ROWS."""
-    parts = 1 if workers <= 1 else max(1, min(-(-2 * workers // group), rows // MIN_TASK_ROWS))
-    step = -(-rows // parts)
-    return [(q * rows + r, q * rows + min(rows, r + step)) for q in range(group)
-            for r in range(0, rows, step)]
-
-
-def padded_shape(g) -> tuple[int, int, int]:
-    """(Dp, Hp, Wp): the padded extent every output position's window reads."""
-    return tuple((g[12 + i] - 1) * g[3 + i] + (g[i] - 1) * g[6 + i] + 1 for i in range(3))
+def _blocks(rows: int, group: int) -> np.ndarray:
+    """conv.row_blocks as the kernels take them: about two blocks of rows per thread."""
+    return np.array(row_blocks(rows, group, threads(), 2, MIN_TASK_ROWS),
+                    dtype=np.int64).reshape(-1, 2)
 
 
 def columns_scratch(x_shape, g) -> int:
@@ -152,12 +139,15 @@ def im2col_image(x, xp, col, g, start):
                         seg[o] = part[o * sw]
 
 
-def padded_images(ws, channels, g) -> list[np.ndarray]:
-    """One padded-image buffer per thread slot, from the head of ws."""
-    shape = (channels,) + padded_shape(g)
-    size = int(np.prod(shape))
-    return [ws[i * size:(i + 1) * size].reshape(shape)
-            for i in range(numba.config.NUMBA_NUM_THREADS)]
+@njit(inline="always", cache=True)
+def padded_slot(buf, channels, g):
+    """The calling thread's padded-image buffer (C, Dp, Hp, Wp) from the head of buf."""
+    dp = (g[12] - 1) * g[3] + (g[0] - 1) * g[6] + 1
+    hp = (g[13] - 1) * g[4] + (g[1] - 1) * g[7] + 1
+    wp = (g[14] - 1) * g[5] + (g[2] - 1) * g[8] + 1
+    size = channels * dp * hp * wp
+    slot = numba.get_thread_id()
+    return buf[slot * size:(slot + 1) * size].reshape((channels, dp, hp, wp))
 
 
 @njit(nogil=True, cache=True)
@@ -218,6 +208,23 @@ def batched_size(x_shape, k_out, g) -> int:
     return (x_shape[1] * g[0] * g[1] * g[2] + k_out) * positions + columns_scratch(x_shape, g)
 
 
+@njit(nogil=True, parallel=True, cache=True)
+def _conv_batched_tasks(x5, xp_buf, wmat, col, yt, y3, g, blocks):
+    n_batch, channels = x5.shape[0], x5.shape[1]
+    k_out, r_group = wmat.shape
+    k_group = k_out // (col.shape[0] // r_group)
+    positions, total = y3.shape[2], col.shape[1]
+    for n in prange(n_batch):
+        im2col_image(x5[n], padded_slot(xp_buf, channels, g), col, g, n * positions)
+    for b in prange(blocks.shape[0]):
+        k0, k1 = blocks[b, 0], blocks[b, 1]
+        q = k0 // k_group
+        sgemm(0, 0, k1 - k0, total, r_group, wmat, k0 * r_group, r_group, col,
+              q * r_group * total, total, 0.0, yt, k0 * total, total)
+    for n in prange(n_batch):
+        columns_to(yt, y3[n], n * positions)
+
+
 def conv_batched(x, w, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post=NO_ACT):
     """A Conv whose weights W (K, C/group, kernel...) are an array of this call: the im2col
     columns of the whole batch side by side, Y (K, N * S) = W (K, C/group * taps) @ cols per
@@ -232,28 +239,12 @@ def conv_batched(x, w, bias, out, ws, g, group=1, act=NO_ACT, residual=None, pos
     total = n_batch * positions
     col = ws[:rows * total].reshape(rows, total)
     yt = ws[col.size:col.size + k_out * total].reshape(k_out, total)
-    xps = padded_images(ws[col.size + yt.size:], channels, g)
     wmat = contiguous(w).reshape(k_out, rows // group)
-    k_group, r_group = k_out // group, rows // group
     target = Target(out5)
     y3 = target.array.reshape(n_batch, k_out, positions)
-    blocks = row_blocks(k_group, group, threads())
-
-    def columns(slot, n):
-        im2col_image(x5[n], xps[slot], col, g, n * positions)
-
-    def product(slot, index):
-        k0, k1 = blocks[index]
-        q = k0 // k_group
-        np.matmul(wmat[k0:k1], col[q * r_group:(q + 1) * r_group], out=yt[k0:k1])
-
-    def scatter(slot, n):
-        columns_to(yt, y3[n], n * positions)
-
+    blocks = _blocks(k_out // group, group)
     with serial_blas():
-        run_tasks(columns, n_batch, threads())
-        run_tasks(product, len(blocks), threads())
-        run_tasks(scatter, n_batch, threads())
+        _conv_batched_tasks(x5, ws[col.size + yt.size:], wmat, col, yt, y3, g, blocks)
     epilogue(y3, bias, act, residual, post)
     target.done()
     return out
@@ -292,6 +283,26 @@ def transpose_batched_size(x_shape, w_shape, g, group: int = 1) -> int:
     return (x_shape[1] + rows) * positions
 
 
+@njit(nogil=True, parallel=True, cache=True)
+def _transpose_batched_tasks(x5, wmat, xt, cols, out5, bias, g, blocks):
+    n_batch, channels = x5.shape[0], x5.shape[1]
+    r_group = wmat.shape[1]
+    c_group = channels // (cols.shape[0] // r_group)
+    total = xt.shape[1]
+    positions = total // n_batch
+    in_spatial = (x5.shape[2], x5.shape[3], x5.shape[4])
+    for n in prange(n_batch):
+        columns_from(x5[n].reshape((channels, positions)), xt, n * positions)
+    for b in prange(blocks.shape[0]):
+        r0, r1 = blocks[b, 0], blocks[b, 1]
+        q = r0 // r_group
+        # rows r0..r1 of W_q^T: W_q's columns, read transposed where they lie
+        sgemm(1, 0, r1 - r0, total, c_group, wmat, q * c_group * r_group + r0 - q * r_group,
+              r_group, xt, q * c_group * total, total, 0.0, cols, r0 * total, total)
+    for n in prange(n_batch):
+        col2im(cols, out5[n], g, in_spatial, bias, n * positions)
+
+
 def conv_transpose_batched(x, w, bias, out, ws, g, group=1):
     """ConvTranspose with W (C, K/group, kernel...) of this call, the whole batch at once:
     cols (K * taps, N * S_in) = W_g^T @ X_g (C/group, N * S_in) per group, in blocks of rows (BLAS
@@ -308,24 +319,9 @@ def conv_transpose_batched(x, w, bias, out, ws, g, group=1):
     wmat = contiguous(w).reshape(channels, r_group)
     bias = NO_BIAS if bias is None else bias
     target = Target(out5)
-    blocks = row_blocks(r_group, group, threads())
-
-    def gather(slot, n):
-        columns_from(x5[n].reshape(channels, positions), xt, n * positions)
-
-    def product(slot, index):
-        r0, r1 = blocks[index]
-        q = r0 // r_group
-        wq = wmat[q * c_group:(q + 1) * c_group, r0 - q * r_group:r1 - q * r_group]
-        np.matmul(wq.T, xt[q * c_group:(q + 1) * c_group], out=cols[r0:r1])
-
-    def scatter(slot, n):
-        col2im(cols, target.array[n], g, in_spatial, bias, n * positions)
-
     with serial_blas():
-        run_tasks(gather, n_batch, threads())
-        run_tasks(product, len(blocks), threads())
-        run_tasks(scatter, n_batch, threads())
+        _transpose_batched_tasks(x5, wmat, xt, cols, target.array, bias, g,
+                                 _blocks(r_group, group))
     target.done()
     return out
 
@@ -353,6 +349,23 @@ def grad_weight_size(x_shape, dy_shape, g) -> int:
             + columns_scratch(x_shape, g))
 
 
+@njit(nogil=True, parallel=True, cache=True)
+def _grad_weight_tasks(x5, dy5, xp_buf, col, dyt, dw, g, blocks):
+    n_batch, channels = x5.shape[0], x5.shape[1]
+    k_out, r_group = dw.shape
+    k_group = k_out // (col.shape[0] // r_group)
+    total = col.shape[1]
+    positions = total // n_batch
+    for n in prange(n_batch):
+        im2col_image(x5[n], padded_slot(xp_buf, channels, g), col, g, n * positions)
+        columns_from(dy5[n].reshape((k_out, positions)), dyt, n * positions)
+    for b in prange(blocks.shape[0]):
+        k0, k1 = blocks[b, 0], blocks[b, 1]
+        q = k0 // k_group
+        sgemm(0, 1, k1 - k0, r_group, total, dyt, k0 * total, total, col,
+              q * r_group * total, total, 0.0, dw, k0 * r_group, r_group)
+
+
 def conv_grad_weight(x, dy, out, ws, g, group=1):
     """ConvGradWeight: dW (K, C/group * taps) = dY (K, N * S) @ cols (C/group * taps, N * S)^T per
     group, the whole batch's columns in one product (in blocks of rows of dW; BLAS reads the
@@ -365,24 +378,11 @@ def conv_grad_weight(x, dy, out, ws, g, group=1):
     total = n_batch * positions
     col = ws[:rows * total].reshape(rows, total)
     dyt = ws[col.size:col.size + k_out * total].reshape(k_out, total)
-    xps = padded_images(ws[col.size + dyt.size:], channels, g)
-    k_group, r_group = k_out // group, rows // group
     target = Target(out)
-    dw = target.array.reshape(k_out, r_group)
-    blocks = row_blocks(k_group, group, threads())
-
-    def gather(slot, n):
-        im2col_image(x5[n], xps[slot], col, g, n * positions)
-        columns_from(dy5[n].reshape(k_out, positions), dyt, n * positions)
-
-    def product(slot, index):
-        k0, k1 = blocks[index]
-        q = k0 // k_group
-        np.matmul(dyt[k0:k1], col[q * r_group:(q + 1) * r_group].T, out=dw[k0:k1])
-
+    dw = target.array.reshape(k_out, rows // group)
     with serial_blas():
-        run_tasks(gather, n_batch, threads())
-        run_tasks(product, len(blocks), threads())
+        _grad_weight_tasks(x5, dy5, ws[col.size + dyt.size:], col, dyt, dw, g,
+                           _blocks(k_out // group, group))
     target.done()
     return out
 

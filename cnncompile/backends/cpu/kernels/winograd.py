@@ -12,12 +12,13 @@ laid out [alpha^2, K, C] for the GEMM). A call runs three steps on a set of tile
    interleaved back into the output rows, cropped at the edges, with the epilogue (bias,
    activation, residual, post activation) while the rows are in cache.
 
-The kernels are serial; ``conv_winograd`` shares the work between threads as tasks (conv.py's
-``run_tasks``, single-threaded BLAS), in one of two ways (``plan``): large images in bands of
-tile rows, each band all three steps in its thread's own L2-sized scratch (U-Net's 256x256
-layers ran 1.3-2.2x faster single-threaded than with the whole image's V and M at once); small
-images (14x14, 7x7) in blocks of images, step 1 split by channels, then steps 2-3 by ranges of
-output channels, so that each thread reads only its part of U.
+The transforms are serial functions; ``conv_winograd`` runs them as the tasks of one parallel
+Numba call (``_winograd_bands`` / ``_winograd_blocks``, the GEMMs as blas.sgemm from inside), in
+one of two ways (``plan``): large images in bands of tile rows, each band all three steps in its
+thread's own L2-sized scratch (U-Net's 256x256 layers ran 1.3-2.2x faster single-threaded than
+with the whole image's V and M at once); small images (14x14, 7x7) in blocks of images, step 1
+split by channels, then steps 2-3 by ranges of output channels, so that each thread reads only
+its part of U.
 
 Flat loops matter: Numba's loops over a 7..14-tile row barely vectorise, and every call that
 passes arrays to a function Numba does not inline costs reference counting; both were measured.
@@ -32,11 +33,11 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ....ops.winograd import matrices
-from .conv import (NO_ACT, NO_BIAS, contiguous, epilogue_args, run_tasks, scratch, serial_blas,
-                   threads)
+from .blas import sgemm
+from .conv import NO_ACT, NO_BIAS, epilogue_args, scratch, serial_blas, threads
 from .epilogue import NONE, RELU, activation_row
 
 _EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
@@ -368,88 +369,129 @@ def output_f2(mm, out, bias, th, tw, kb, n0, k0, row0, code, params, res, post_c
                                   post_code, post_params)
 
 
+@njit(cache=True)
 def channel_block(k_out: int, count: int) -> int:
     """Output channels per output-transform job: loops of >= ~512 tiles, >= 4 jobs."""
     return max(1, min(-(-512 // max(count, 1)), -(-k_out // 4)))
 
 
+@njit(inline="always", cache=True)
+def _transforms(x, u, v, mm, bias, out, res, m, th, tw, top, left, k0, row0, code, params,
+                post_code, post_params):
+    """Input transform of x (its first row of tiles at input row -top) into v, the alpha^2
+    GEMMs M = U[:, k0:k0 + kc] @ V (sgemm, single-threaded), the output transform into out's
+    channels k0... from output row row0, with the epilogue."""
+    alpha2, kc, count = mm.shape
+    channels, k_out = v.shape[1], u.shape[1]
+    if m == 4:
+        input_f4(x, v, th, tw, top, left, 0, 0)
+    else:
+        input_f2(x, v, th, tw, top, left, 0, 0)
+    for p in range(alpha2):
+        sgemm(0, 0, kc, count, channels, u, (p * k_out + k0) * channels, channels, v,
+              p * channels * count, count, 0.0, mm, p * kc * count, count)
+    kb = channel_block(kc, count)
+    if m == 4:
+        output_f4(mm, out, bias, th, tw, kb, 0, k0, row0, code, params, res, post_code,
+                  post_params)
+    else:
+        output_f2(mm, out, bias, th, tw, kb, 0, k0, row0, code, params, res, post_code,
+                  post_params)
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _winograd_bands(x, u, bias, out, res, buf, m, band_rows, top, left, code, params,
+                    post_code, post_params):
+    """plan's "bands": a task per band of tile rows of one image, all three steps in the
+    thread's own slot of buf."""
+    n_batch, channels = x.shape[0], x.shape[1]
+    alpha2, k_out = u.shape[0], u.shape[1]
+    th, tw = (out.shape[2] + m - 1) // m, (out.shape[3] + m - 1) // m
+    bands = (th + band_rows - 1) // band_rows
+    per_slot = alpha2 * (channels + k_out) * band_rows * tw
+    has_res = res.shape[0] != 0
+    for task in prange(n_batch * bands):
+        n = task // bands
+        ty0 = task % bands * band_rows
+        rows = min(band_rows, th - ty0)
+        count = rows * tw
+        at = numba.get_thread_id() * per_slot
+        v = buf[at:at + alpha2 * channels * count].reshape((alpha2, channels, count))
+        at += alpha2 * channels * count
+        mm = buf[at:at + alpha2 * k_out * count].reshape((alpha2, k_out, count))
+        _transforms(x[n:n + 1], u, v, mm, bias, out[n:n + 1], res[n:n + 1] if has_res else res,
+                    m, rows, tw, top - ty0 * m, left, 0, ty0 * m, code, params, post_code,
+                    post_params)
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _winograd_blocks(x, u, bias, out, res, buf, m, nb, kparts, workers, top, left, code, params,
+                     post_code, post_params):
+    """plan's "blocks": per block of nb images, the input transform (a task per image and
+    channel range) into one shared V, then a task per range of output channels: its GEMMs
+    into the thread's slot and the output transform."""
+    n_batch, channels = x.shape[0], x.shape[1]
+    alpha2, k_out = u.shape[0], u.shape[1]
+    th, tw = (out.shape[2] + m - 1) // m, (out.shape[3] + m - 1) // m
+    per_image = th * tw
+    k_block = (k_out + kparts - 1) // kparts
+    has_res = res.shape[0] != 0
+    for n0 in range(0, n_batch, nb):
+        n1 = min(n_batch, n0 + nb)
+        count = (n1 - n0) * per_image
+        v = buf[:alpha2 * channels * count].reshape((alpha2, channels, count))
+        base = alpha2 * channels * count
+        cparts = min(channels, max(1, (2 * workers + n1 - n0 - 1) // (n1 - n0)))
+        c_block = (channels + cparts - 1) // cparts
+        for task in prange((n1 - n0) * cparts):
+            n = task // cparts
+            c0 = task % cparts * c_block
+            c1 = min(channels, c0 + c_block)
+            if c0 < c1:
+                if m == 4:
+                    input_f4(x[n0 + n:n0 + n + 1, c0:c1], v, th, tw, top, left, c0,
+                             n * per_image)
+                else:
+                    input_f2(x[n0 + n:n0 + n + 1, c0:c1], v, th, tw, top, left, c0,
+                             n * per_image)
+        for part in prange(kparts):
+            k0 = part * k_block
+            k1 = min(k_out, k0 + k_block)
+            if k0 < k1:
+                at = base + numba.get_thread_id() * alpha2 * k_block * count
+                mm = buf[at:at + alpha2 * (k1 - k0) * count].reshape((alpha2, k1 - k0, count))
+                for p in range(alpha2):
+                    sgemm(0, 0, k1 - k0, count, channels, u, (p * k_out + k0) * channels,
+                          channels, v, p * channels * count, count, 0.0, mm,
+                          p * (k1 - k0) * count, count)
+                kb = channel_block(k1 - k0, count)
+                res_block = res[n0:n1] if has_res else res
+                if m == 4:
+                    output_f4(mm, out[n0:n1], bias, th, tw, kb, 0, k0, 0, code, params,
+                              res_block, post_code, post_params)
+                else:
+                    output_f2(mm, out[n0:n1], bias, th, tw, kb, 0, k0, 0, code, params,
+                              res_block, post_code, post_params)
+
+
 def conv_winograd(x, u, bias, out, ws, m, pads, act=NO_ACT, residual=None, post=NO_ACT):
     """Winograd F(m x m, 3x3) of x (N, C, H, W) with u = transform_weights(w, m) into out
     (N, K, OH, OW); pads (top, left, bottom, right) as ONNX orders them: (top, left, ...). The
-    work is split into tasks for the drivers' threads as ``plan`` says."""
+    work is split into the tasks of one parallel Numba call as ``plan`` says."""
     n_batch, channels = x.shape[0], x.shape[1]
     k_out, out_h, out_w = out.shape[1], out.shape[2], out.shape[3]
-    alpha2 = (m + 2) ** 2
-    th, tw = tiles(out_h, out_w, m)
     code, params = epilogue_args(act)
     post_code, post_params = epilogue_args(post)
     bias = NO_BIAS if bias is None else bias
     res = _EMPTY4 if residual is None else residual
-    top, left = pads[0], pads[1]
-    forward, backward = (input_f4, output_f4) if m == 4 else (input_f2, output_f2)
     workers = threads()
     mode, size, parts, need = plan(n_batch, channels, k_out, out_h, out_w, m, workers)
     buf = scratch(ws, need)
-    images = [contiguous(x[n:n + 1]) for n in range(n_batch)]
-    # The kernels get C-contiguous image blocks only (one Numba signature): a strided out (a
-    # concat slice with N > 1) is contiguous one image at a time.
-    single = not out.flags.c_contiguous
-
-    def block(a, n0, n1):
-        return a if a.shape[0] == 0 else contiguous(a[n0:n1])
-    if mode == "bands":
-        band_rows, bands = size, parts
-        per_slot = alpha2 * (channels + k_out) * band_rows * tw
-
-        def band(slot, index):
-            n, b = divmod(index, bands)
-            ty0 = b * band_rows
-            rows = min(band_rows, th - ty0)
-            count = rows * tw
-            at = slot * per_slot
-            v = buf[at:at + alpha2 * channels * count].reshape(alpha2, channels, count)
-            at += v.size
-            mm = buf[at:at + alpha2 * k_out * count].reshape(alpha2, k_out, count)
-            forward(images[n], v, rows, tw, top - ty0 * m, left, 0, 0)
-            np.matmul(u, v, out=mm)
-            backward(mm, out[n:n + 1], bias, rows, tw, channel_block(k_out, count), 0, 0,
-                     ty0 * m, code, params, block(res, n, n + 1), post_code, post_params)
-
-        with serial_blas():
-            run_tasks(band, n_batch * bands, workers)
-        return out
-    nb, kparts = (1 if single else size), parts
-    k_block = -(-k_out // kparts)
-    per_image = th * tw
     with serial_blas():
-        for n0 in range(0, n_batch, nb):
-            n1 = min(n_batch, n0 + nb)
-            count = (n1 - n0) * per_image
-            v = buf[:alpha2 * channels * count].reshape(alpha2, channels, count)
-            base = v.size
-            cparts = min(channels, max(1, -(-2 * workers // (n1 - n0))))
-            c_block = -(-channels // cparts)
-
-            def transform(slot, index, n0=n0, v=v):
-                n, part = divmod(index, cparts)
-                c0 = part * c_block
-                c1 = min(channels, c0 + c_block)
-                if c0 < c1:
-                    forward(contiguous(x[n0 + n:n0 + n + 1, c0:c1]), v, th, tw, top, left, c0,
-                            n * per_image)
-
-            def multiply(slot, index, n0=n0, v=v, count=count, base=base):
-                k0 = index * k_block
-                k1 = min(k_out, k0 + k_block)
-                if k0 >= k1:
-                    return
-                at = base + slot * alpha2 * k_block * count
-                mm = buf[at:at + alpha2 * (k1 - k0) * count].reshape(alpha2, k1 - k0, count)
-                np.matmul(u[:, k0:k1], v, out=mm)
-                backward(mm, out[n0:n0 + count // per_image], bias, th, tw,
-                         channel_block(k1 - k0, count), 0, k0, 0, code, params,
-                         block(res, n0, n0 + count // per_image), post_code, post_params)
-
-            run_tasks(transform, (n1 - n0) * cparts, workers)
-            run_tasks(multiply, kparts, workers)
+        if mode == "bands":
+            _winograd_bands(x, u, bias, out, res, buf, m, size, pads[0], pads[1], code, params,
+                            post_code, post_params)
+        else:
+            _winograd_blocks(x, u, bias, out, res, buf, m, size, parts, workers, pads[0], pads[1],
+                             code, params, post_code, post_params)
     return out
