@@ -480,3 +480,36 @@ def test_parallel_variants():
             with open(kernel.py_func.__code__.co_filename) as f:
                 sources.append(f.read())
     assert any("parallel=True" in text for text in sources)
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_blas_fallbacks_match_numpy(trans_a, trans_b):
+    """The plain-loop sgemm/sgemv that kernels/blas.py registers when NumPy's BLAS is not a
+    64-bit OpenBLAS, called through their C addresses as the kernels would call them."""
+    import ctypes
+
+    from cnncompile.backends.cpu.kernels import blas
+
+    rng = np.random.default_rng(3)
+    m, n, k = 4, 5, 6
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    c = rng.standard_normal((m, n)).astype(np.float32)
+    ptr = ctypes.POINTER(ctypes.c_float)
+    i32, i64, f32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+    gemm = ctypes.CFUNCTYPE(None, i32, i32, i32, i64, i64, i64, f32, ptr, i64, ptr, i64, f32,
+                            ptr, i64)(blas._fallback_sgemm.address)
+    expected = 1.5 * c + (a.T if trans_a else a) @ (b.T if trans_b else b)
+    gemm(blas.ROW_MAJOR, blas.NO_TRANS + trans_a, blas.NO_TRANS + trans_b, m, n, k, 1.0,
+         a.ctypes.data_as(ptr), a.shape[1], b.ctypes.data_as(ptr), b.shape[1], 1.5,
+         c.ctypes.data_as(ptr), n)
+    np.testing.assert_allclose(c, expected, rtol=1e-5, atol=1e-5)
+
+    gemv = ctypes.CFUNCTYPE(None, i32, i32, i64, i64, f32, ptr, i64, ptr, i64, f32, ptr,
+                            i64)(blas._fallback_sgemv.address)
+    x = rng.standard_normal(2 * k).astype(np.float32)  # read with stride 2
+    y = np.zeros(m, np.float32)
+    gemv(blas.ROW_MAJOR, blas.NO_TRANS + trans_a, a.shape[0], a.shape[1], 1.0,
+         a.ctypes.data_as(ptr), a.shape[1], x.ctypes.data_as(ptr), 2, 0.0,
+         y.ctypes.data_as(ptr), 1)
+    np.testing.assert_allclose(y, (a.T if trans_a else a) @ x[::2], rtol=1e-5, atol=1e-5)
