@@ -363,11 +363,15 @@ def profile_layers(module, feeds: list[np.ndarray], runs: int = 10, warmup: int 
     generated = load_generated(generate(module.graph, emit_node, profile=True))
     run, run_profiled = generated.namespace["run"], generated.namespace["run_profiled"]
     samples, whole = [], []
+    outs = None
+    if getattr(module.executor, "reuse_outputs", False):  # as the module runs: same outputs
+        outs = [np.empty(v.type.shape, v.type.dtype) if v.type.is_static else None
+                for v in module.graph.outputs]
     with thread_limit(threads):
         for i in range(warmup + max(1, runs)):
-            _, times = run_profiled(*feeds)
+            _, times = run_profiled(*feeds, _outs=outs)
             start = time.perf_counter()
-            run(*feeds)
+            run(*feeds, _outs=outs)
             if i >= warmup:
                 samples.append(times)
                 whole.append(time.perf_counter() - start)

@@ -297,6 +297,9 @@ class _Compiled:
         self.graph = joint
         self.module = _compile_graph(joint.copy(), owner.target, owner.opt_level,
                                      owner.verify_each)
+        if hasattr(self.module.executor, "reuse_outputs"):
+            # the step consumes its outputs before the next run (gradients() copies them)
+            self.module.executor.reuse_outputs = True
 
 
 # ---- helpers -------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ class Codegen:
             lines.append(f"{name} = _constants[{name!r}]")
         lines.append("")
         lines += self.header
-        lines += ["", "", f"def run({', '.join(params)}):"]
+        lines += ["", "", f"def run({''.join(p + ', ' for p in params)}_outs=None):"]
         lines += ["    " + v for v in views.values()]
         lines += ["    " + b if b else "" for b in self.body]
         lines.append(f"    return ({''.join(o + ', ' for o in outputs)})")
@@ -181,7 +181,7 @@ class Codegen:
                  spans: list[tuple[int, int]]) -> list[str]:
         """``run_profiled``: run's statements with a clock read after every node; it returns the
         outputs and the seconds each node took (in graph order)."""
-        lines = ["", "", f"def run_profiled({', '.join(params)}):"]
+        lines = ["", "", f"def run_profiled({''.join(p + ', ' for p in params)}_outs=None):"]
         lines += ["    " + v for v in views.values()]
         lines += [f"    _times = [0.0] * {len(spans)}", "    _start = _clock()"]
         for index, (lo, hi) in enumerate(spans):
@@ -199,11 +199,13 @@ def generate(graph: Graph, emit_node, profile: bool = False) -> GeneratedModule:
     params = [cg.var(v) for v in graph.inputs]
     cg._ready.update(id(v) for v in graph.inputs)
     views: dict[str, str] = {}
-    # Graph outputs are the caller's: allocated per call, before anything writes into them.
-    for value in graph.outputs:
+    # Graph outputs are the caller's: allocated per call, before anything writes into them, or
+    # the caller's own buffers (_outs, one per output) when it reuses them from run to run
+    for index, value in enumerate(graph.outputs):
         if value.producer is not None and value.type.is_static and id(value) not in cg._ready:
             views[cg.var(value)] = (f"{cg.var(value)} = np.empty({tuple(value.type.shape)!r}, "
-                                    f"dtype={dtype_source(value.type.dtype)})")
+                                    f"dtype={dtype_source(value.type.dtype)}) if _outs is None "
+                                    f"else _outs[{index}]")
             cg._ready.add(id(value))
     cg.place_planned(views)
     last_use = _last_uses(graph)

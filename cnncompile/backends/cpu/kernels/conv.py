@@ -210,6 +210,51 @@ def im2col_block(xp, col, g, r0, r1, p0, j0, count):
 
 
 @njit(nogil=True, cache=True)
+def im2col_image(x, xp, col, g, start):
+    """col[:, start:start + S] = the im2col columns of one image x (C, D, H, W), rows
+    channel-major: x is first copied into xp (C, Dp, Hp, Wp) with its pads (zeros), so that the
+    copies below need no bounds checks (3-4x faster than checking per row). For whole small
+    images: 1.6-1.8x faster than pad_image + im2col_block on 7x7 to 14x14 images, whose
+    per-line bounds of a block of positions cost more than the short copies."""
+    kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
+    channels, depth, height, width = x.shape
+    dp, hp, wp = xp.shape[1], xp.shape[2], xp.shape[3]
+    for c in range(channels):
+        for z in range(dp):
+            iz = z - pd
+            for y in range(hp):
+                iy = y - ph
+                dst = xp[c, z, y]
+                dst[:] = 0
+                if iz < 0 or iz >= depth or iy < 0 or iy >= height:
+                    continue
+                src = x[c, iz, iy]
+                for i in range(max(0, pw), min(wp, pw + width)):
+                    dst[i] = src[i - pw]
+    taps = kd * kh * kw
+    for row in range(channels * taps):
+        c = row // taps
+        t = row % taps
+        a = t // (kh * kw)
+        b = (t // kw) % kh
+        e = t % kw
+        dst = col[row, start:start + od * oh * ow]
+        for z in range(od):
+            for y in range(oh):
+                seg = dst[(z * oh + y) * ow:(z * oh + y + 1) * ow]
+                part = xp[c, z * sd + a * dd, y * sh + b * dh, e * dw:]
+                if sw == 1:
+                    for o in range(ow):
+                        seg[o] = part[o]
+                elif sw == 2:
+                    for o in range(ow):
+                        seg[o] = part[2 * o]
+                else:
+                    for o in range(ow):
+                        seg[o] = part[o * sw]
+
+
+@njit(nogil=True, cache=True)
 def epilogue_rows(src, src_at, dst, dst_at, res, res_at, pitches, rows, length, bias, code,
                   params, post_code, post_params):
     """dst row r = post(act(src row r + bias[r]) + res row r) for r in range(rows), on flat
@@ -512,20 +557,17 @@ def flat_images(a: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 @njit(inline="always", cache=True)
-def _columns(x5, xp, col, g, rows, p0, j0, count, pack):
-    """Columns [j0, j0 + count) of col: im2col of output positions [p0, p0 + count) of image
-    x5 (read through its padded copy xp when xp is not empty), or for 1x1 (not pack) x5's own
-    rows copied."""
+def _columns(x5, col, g, rows, j0, count, pack):
+    """Columns [j0, j0 + count) of col for a whole image x5 that needs no pads: its im2col, or
+    for 1x1 (not pack) x5's own rows copied."""
     if not pack:
         for c in range(rows):
             src = x5[c, 0, 0]
             dst = col[c, j0:j0 + count]
             for i in range(count):
-                dst[i] = src[p0 + i]
-    elif xp.shape[0] != 0:
-        im2col_block(xp, col, g, 0, rows, p0, j0, count)
+                dst[i] = src[i]
     else:
-        im2col_block(x5, col, g, 0, rows, p0, j0, count)
+        im2col_block(x5, col, g, 0, rows, 0, j0, count)
 
 
 @njit(nogil=True, parallel=True, cache=True)
@@ -594,12 +636,12 @@ def _gemm_conv_batched(x5, xp_buf, w, bias, out, out_pitch, res, res_pitch, col_
         filled = col_buf.shape[0] >= rows * width  # no columns: 1x1, one image at a time
         col = col_buf[:rows * width if filled else 0].reshape((rows if filled else 0, width))
         for j in prange(n1 - n0 if pack or not direct else 0):
-            xp = xp_buf[:0].reshape((0, 0, 0, 0))
             if pad:
                 slot = numba.get_thread_id()
                 xp = xp_buf[slot * pad:(slot + 1) * pad].reshape((channels, dp, hp, wp))
-                pad_image(x5[n0 + j], xp, g[9], g[10], g[11])
-            _columns(x5[n0 + j], xp, col, g, rows, 0, j * positions, positions, pack)
+                im2col_image(x5[n0 + j], xp, col, g, j * positions)
+            else:
+                _columns(x5[n0 + j], col, g, rows, j * positions, positions, pack)
         for b in prange(blocks.shape[0]):
             k0, k1 = blocks[b, 0], blocks[b, 1]
             r0 = k0 // k_group * rows_g

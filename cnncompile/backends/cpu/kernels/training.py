@@ -27,14 +27,14 @@ import numpy as np
 from numba import njit, prange
 
 from .blas import sgemm
-from .conv import _valid_range, col2im, padded_shape, row_blocks, serial_blas, threads
-from .epilogue import bias_activation
+from .conv import (_gemm_conv, _valid_range, col2im, im2col_image, padded_shape, row_blocks,
+                   serial_blas, threads)
+from .conv import scratch_size as conv_scratch_size
 from .winograd import conv_winograd
 from .winograd import scratch_size as winograd_scratch
 
 NO_ACT = (0, 0.0, 0.0)
 NO_BIAS = np.zeros(0, dtype=np.float32)
-_EMPTY3 = np.zeros((0, 0, 0), dtype=np.float32)
 #: Winograd's filter transform matrices G, as winograd.py's input and output transforms expect
 _F2_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 _F4_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -64,22 +64,6 @@ class Target:
             self.block[...] = self.array
 
 
-def epilogue_args(act: tuple) -> tuple[int, np.ndarray]:
-    """(code, params) from the literal (code, p0, p1) the generated code passes."""
-    return int(act[0]), np.array(act[1:3], dtype=np.float64)
-
-
-def epilogue(y3, bias, act, residual, post) -> None:
-    """y3 (N, K, S) = post(act(y3 + bias) + residual) in place (epilogue.bias_activation)."""
-    if act[0] == 0 and post[0] == 0 and residual is None and bias is None:
-        return
-    code, params = epilogue_args(act)
-    post_code, post_params = epilogue_args(post)
-    res = _EMPTY3 if residual is None else planes(residual)
-    bias_activation(y3, y3, NO_BIAS if bias is None else bias, code, params, res, post_code,
-                    post_params)
-
-
 # ---- work sharing --------------------------------------------------------------------------------
 #: GEMM tasks get at least this many rows of the product (thinner blocks starve BLAS)
 MIN_TASK_ROWS = 32
@@ -94,49 +78,6 @@ def _blocks(rows: int, group: int) -> np.ndarray:
 def columns_scratch(x_shape, g) -> int:
     """float32 elements of the padded images im2col_image needs: one per possible thread."""
     return numba.config.NUMBA_NUM_THREADS * x_shape[1] * int(np.prod(padded_shape(g)))
-
-
-@njit(nogil=True, cache=True)
-def im2col_image(x, xp, col, g, start):
-    """col[:, start:start + S] = the im2col columns of one image x (C, D, H, W), rows
-    channel-major: x is first copied into xp (C, Dp, Hp, Wp) with its pads (zeros), so that the
-    copies below need no bounds checks (3-4x faster than checking per row)."""
-    kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
-    channels, depth, height, width = x.shape
-    dp, hp, wp = xp.shape[1], xp.shape[2], xp.shape[3]
-    for c in range(channels):
-        for z in range(dp):
-            iz = z - pd
-            for y in range(hp):
-                iy = y - ph
-                dst = xp[c, z, y]
-                dst[:] = 0
-                if iz < 0 or iz >= depth or iy < 0 or iy >= height:
-                    continue
-                src = x[c, iz, iy]
-                for i in range(max(0, pw), min(wp, pw + width)):
-                    dst[i] = src[i - pw]
-    taps = kd * kh * kw
-    for row in range(channels * taps):
-        c = row // taps
-        t = row % taps
-        a = t // (kh * kw)
-        b = (t // kw) % kh
-        e = t % kw
-        dst = col[row, start:start + od * oh * ow]
-        for z in range(od):
-            for y in range(oh):
-                seg = dst[(z * oh + y) * ow:(z * oh + y + 1) * ow]
-                part = xp[c, z * sd + a * dd, y * sh + b * dh, e * dw:]
-                if sw == 1:
-                    for o in range(ow):
-                        seg[o] = part[o]
-                elif sw == 2:
-                    for o in range(ow):
-                        seg[o] = part[2 * o]
-                else:
-                    for o in range(ow):
-                        seg[o] = part[o * sw]
 
 
 @njit(inline="always", cache=True)
@@ -156,14 +97,6 @@ def columns_from(y, out, start):
     positions = y.shape[1]
     for c in range(y.shape[0]):
         out[c, start:start + positions] = y[c]
-
-
-@njit(nogil=True, cache=True)
-def columns_to(yt, out, start):
-    """out (K, S) = yt[:, start:start + S] (the inverse of columns_from)."""
-    positions = out.shape[1]
-    for k in range(out.shape[0]):
-        out[k] = yt[k, start:start + positions]
 
 
 # ---- convolution with run-time weights -----------------------------------------------------------
@@ -208,45 +141,19 @@ def batched_size(x_shape, k_out, g) -> int:
     return (x_shape[1] * g[0] * g[1] * g[2] + k_out) * positions + columns_scratch(x_shape, g)
 
 
-@njit(nogil=True, parallel=True, cache=True)
-def _conv_batched_tasks(x5, xp_buf, wmat, col, yt, y3, g, blocks):
-    n_batch, channels = x5.shape[0], x5.shape[1]
-    k_out, r_group = wmat.shape
-    k_group = k_out // (col.shape[0] // r_group)
-    positions, total = y3.shape[2], col.shape[1]
-    for n in prange(n_batch):
-        im2col_image(x5[n], padded_slot(xp_buf, channels, g), col, g, n * positions)
-    for b in prange(blocks.shape[0]):
-        k0, k1 = blocks[b, 0], blocks[b, 1]
-        q = k0 // k_group
-        sgemm(0, 0, k1 - k0, total, r_group, wmat, k0 * r_group, r_group, col,
-              q * r_group * total, total, 0.0, yt, k0 * total, total)
-    for n in prange(n_batch):
-        columns_to(yt, y3[n], n * positions)
+def batched_size(x_shape, k_out, g, group: int = 1) -> int:
+    """float32 scratch elements of conv_batched: conv.py's im2col driver's."""
+    return conv_scratch_size("im2col_gemm", x_shape, (k_out,), g, group)
 
 
 def conv_batched(x, w, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post=NO_ACT):
-    """A Conv whose weights W (K, C/group, kernel...) are an array of this call: the im2col
-    columns of the whole batch side by side, Y (K, N * S) = W (K, C/group * taps) @ cols per
-    group with W as a reshape view, in blocks of rows; then each image's part of Y into out and
-    the epilogue. One wide product rather than one per image: small images (7x7, 4x4) give BLAS
-    too narrow a matrix otherwise."""
-    x5, out5 = contiguous(as5(x)), as5(out)
-    n_batch, channels = x5.shape[:2]
-    k_out = out5.shape[1]
-    rows = channels * g[0] * g[1] * g[2]
-    positions = g[12] * g[13] * g[14]
-    total = n_batch * positions
-    col = ws[:rows * total].reshape(rows, total)
-    yt = ws[col.size:col.size + k_out * total].reshape(k_out, total)
-    wmat = contiguous(w).reshape(k_out, rows // group)
-    target = Target(out5)
-    y3 = target.array.reshape(n_batch, k_out, positions)
-    blocks = _blocks(k_out // group, group)
-    with serial_blas():
-        _conv_batched_tasks(x5, ws[col.size + yt.size:], wmat, col, yt, y3, g, blocks)
-    epilogue(y3, bias, act, residual, post)
-    target.done()
+    """A Conv whose weights W (K, C/group, kernel...) are an array of this call: conv.py's
+    im2col + GEMM driver with W as a free reshape view (group, K/group, C/group * taps): blocks
+    of output positions with the epilogue on each while it is in cache, or for small images the
+    columns of several images side by side in one wide product."""
+    k_out = w.shape[0]
+    wmat = contiguous(w).reshape(group, k_out // group, -1)
+    _gemm_conv(as5(x), wmat, bias, as5(out), ws, g, act, residual, post, pack=True)
     return out
 
 
@@ -342,13 +249,6 @@ def conv_transpose_as_conv(x, w, bias, out, ws, g, group=1, winograd=0, pads=Non
 
 
 # ---- weight gradient -----------------------------------------------------------------------------
-def grad_weight_size(x_shape, dy_shape, g) -> int:
-    """float32 scratch elements of conv_grad_weight."""
-    positions = x_shape[0] * g[12] * g[13] * g[14]
-    return ((x_shape[1] * g[0] * g[1] * g[2] + dy_shape[1]) * positions
-            + columns_scratch(x_shape, g))
-
-
 @njit(nogil=True, parallel=True, cache=True)
 def _grad_weight_tasks(x5, dy5, xp_buf, col, dyt, dw, g, blocks):
     n_batch, channels = x5.shape[0], x5.shape[1]
@@ -366,45 +266,129 @@ def _grad_weight_tasks(x5, dy5, xp_buf, col, dyt, dw, g, blocks):
               q * r_group * total, total, 0.0, dw, k0 * r_group, r_group)
 
 
+@njit(nogil=True, parallel=True, cache=True)
+def _grad_weight_images(x5, dy5, xp_buf, col_buf, partial, dw, g):
+    """conv_grad_weight's per-image plan: each thread sums dY_n @ cols_n^T over its images into
+    its own partial dW (sgemm with beta 1, the image's columns in its slot of col_buf), then
+    the partials are added into dw (K, C/group * taps)."""
+    n_batch, channels = x5.shape[0], x5.shape[1]
+    slots, k_out, r_group = partial.shape
+    positions = dy5.shape[2] * dy5.shape[3] * dy5.shape[4]
+    rows = channels * g[0] * g[1] * g[2]
+    group = rows // r_group
+    k_group = k_out // group
+    dy_pitch = dy5.strides[0] // 4
+    for n in prange(n_batch):
+        slot = numba.get_thread_id()
+        col = col_buf[slot * rows * positions:(slot + 1) * rows * positions].reshape(
+            (rows, positions))
+        im2col_image(x5[n], padded_slot(xp_buf, channels, g), col, g, 0)
+        for q in range(group):
+            sgemm(0, 1, k_group, r_group, positions, dy5, n * dy_pitch + q * k_group * positions,
+                  positions, col, q * r_group * positions, positions, 1.0, partial,
+                  (slot * k_out + q * k_group) * r_group, r_group)
+    for k in prange(k_out):
+        row = dw[k]
+        for j in range(r_group):
+            row[j] = partial[0, k, j]
+        for t in range(1, slots):
+            part = partial[t, k]
+            for j in range(r_group):
+                row[j] += part[j]
+
+
+#: weight gradients up to this many elements are summed per image into per-thread partials:
+#: short products per image, but their columns stay in cache and no thread waits for a share
+#: of a few rows (layer1 of ResNet-18 at batch 8, 64 x 576: 4.8 ms as row blocks of one product)
+PER_IMAGE_MAX_WEIGHTS = 1 << 19
+
+
+def grad_weight_size(x_shape, dy_shape, g) -> int:
+    """float32 scratch elements of conv_grad_weight."""
+    positions = g[12] * g[13] * g[14]
+    rows = x_shape[1] * g[0] * g[1] * g[2]
+    whole = (rows + dy_shape[1]) * x_shape[0] * positions
+    slots = numba.config.NUMBA_NUM_THREADS
+    per_image = slots * (rows * positions + dy_shape[1] * rows)
+    return max(whole, per_image) + columns_scratch(x_shape, g)
+
+
 def conv_grad_weight(x, dy, out, ws, g, group=1):
     """ConvGradWeight: dW (K, C/group * taps) = dY (K, N * S) @ cols (C/group * taps, N * S)^T per
-    group, the whole batch's columns in one product (in blocks of rows of dW; BLAS reads the
-    transposed view as is)."""
+    group. Small dW: per image, summed in per-thread partials (PER_IMAGE_MAX_WEIGHTS); else the
+    whole batch's columns in one product, in blocks of rows of dW (BLAS reads the transposed view
+    as is)."""
     x5, dy5 = contiguous(as5(x)), contiguous(as5(dy))
     n_batch, channels = x5.shape[:2]
     k_out = dy5.shape[1]
     rows = channels * g[0] * g[1] * g[2]
     positions = g[12] * g[13] * g[14]
     total = n_batch * positions
-    col = ws[:rows * total].reshape(rows, total)
-    dyt = ws[col.size:col.size + k_out * total].reshape(k_out, total)
     target = Target(out)
     dw = target.array.reshape(k_out, rows // group)
-    with serial_blas():
-        _grad_weight_tasks(x5, dy5, ws[col.size + dyt.size:], col, dyt, dw, g,
-                           _blocks(k_out // group, group))
+    pads = columns_scratch(x5.shape, g)
+    if dw.size <= PER_IMAGE_MAX_WEIGHTS and n_batch > 1:
+        slots = numba.config.NUMBA_NUM_THREADS
+        cols = ws[pads:pads + slots * rows * positions]
+        partial = ws[pads + cols.size:pads + cols.size + slots * dw.size].reshape(
+            (slots,) + dw.shape)
+        partial[:] = 0
+        with serial_blas():
+            _grad_weight_images(x5, dy5, ws[:pads], cols, partial, dw, g)
+    else:
+        col = ws[pads:pads + rows * total].reshape(rows, total)
+        dyt = ws[pads + col.size:pads + col.size + k_out * total].reshape(k_out, total)
+        with serial_blas():
+            _grad_weight_tasks(x5, dy5, ws[:pads], col, dyt, dw, g,
+                               _blocks(k_out // group, group))
     target.done()
     return out
 
 
 # ---- pooling gradients ---------------------------------------------------------------------------
+@njit(inline="always", cache=True)
+def _running_max(best, pick, plane, base, lo, hi, stride, first):
+    """best[o], pick[o] for o in [lo, hi) updated with the tap plane[base + (o - lo) * stride]:
+    the tap wins when larger, or when it is a NaN and the running maximum is not (np.argmax's
+    first NaN). Unsigned indices and no views: a view per tap costs reference counting, and a
+    signed index Numba's wraparound check, which measured more than the loop itself."""
+    at = np.uint64(base)
+    step = np.uint64(stride)
+    if first:
+        for o in range(lo, hi):
+            i = at + np.uint64(o - lo) * step
+            best[o] = plane[i]
+            pick[o] = np.int32(i)
+        return
+    for o in range(lo, hi):
+        i = at + np.uint64(o - lo) * step
+        v = plane[i]
+        m = best[o]
+        take = (v > m) | ((v != v) & (m == m))
+        best[o] = v if take else m
+        pick[o] = np.int32(i) if take else pick[o]
+
+
 @njit(parallel=True, cache=True)
 def max_pool_grad(dy, x, dx, g):
     """dx (N, C, D, H, W) = each dY element added at the first maximum of its window of x, as
     np.argmax over the window's taps in order picks it (padding is -inf, a NaN wins); a window
     whose pick is padding passes nothing. dy (N, C, od, oh, ow). Per output row, the running
     maximum of every window and the flat index of its element (-1: padding) are updated tap by
-    tap over the whole row, then the gradient is scattered."""
+    tap over the whole row (strides 1 and 2 as constants), then the gradient is scattered.
+    Scalar code (the NaN rule and the index select keep it from vectorising): ResNet-18's 3x3
+    stride-2 pool at batch 8, 112x112, takes ~6 ms; recording the forward's argmax would cut it
+    to a scatter."""
     kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
     n_batch, channels, depth, height, width = x.shape
     for job in prange(n_batch * channels):
         n = job // channels
         c = job % channels
-        plane = x[n, c]
+        plane = x[n, c].reshape(-1)
         grad = dx[n, c].reshape(-1)
         grad[:] = 0
         best = np.empty(ow, np.float32)
-        pick = np.empty(ow, np.int64)
+        pick = np.empty(ow, np.int32)
         for z in range(od):
             for y in range(oh):
                 best[:] = -np.inf
@@ -419,19 +403,13 @@ def max_pool_grad(dy, x, dx, g):
                             if inside:
                                 off = e * dw - pw
                                 lo, hi = _valid_range(ow, sw, off, width)
-                                src = plane[iz, iy, lo * sw + off:]
                                 base = (iz * height + iy) * width + lo * sw + off
-                                if first:
-                                    for o in range(lo, hi):
-                                        best[o] = src[(o - lo) * sw]
-                                        pick[o] = base + (o - lo) * sw
+                                if sw == 1:
+                                    _running_max(best, pick, plane, base, lo, hi, 1, first)
+                                elif sw == 2:
+                                    _running_max(best, pick, plane, base, lo, hi, 2, first)
                                 else:
-                                    for o in range(lo, hi):
-                                        v = src[(o - lo) * sw]
-                                        m = best[o]
-                                        take = (v > m) | ((v != v) & (m == m))
-                                        best[o] = v if take else m
-                                        pick[o] = base + (o - lo) * sw if take else pick[o]
+                                    _running_max(best, pick, plane, base, lo, hi, sw, first)
                             first = False
                 row = dy[n, c, z, y]
                 for o in range(ow):
