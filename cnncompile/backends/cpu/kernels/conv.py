@@ -254,6 +254,16 @@ def im2col_image(x, xp, col, g, start):
                         seg[o] = part[o * sw]
 
 
+@njit(inline="always", cache=True)
+def _copy_rows(src, src_at, src_pitch, dst, dst_at, dst_pitch, rows, length):
+    """dst rows = src rows, on flat arrays (unsigned indices: no wraparound checks)."""
+    for r in range(rows):
+        s = np.uint64(src_at + r * src_pitch)
+        d = np.uint64(dst_at + r * dst_pitch)
+        for i in range(length):
+            dst[d + np.uint64(i)] = src[s + np.uint64(i)]
+
+
 @njit(nogil=True, cache=True)
 def epilogue_rows(src, src_at, dst, dst_at, res, res_at, pitches, rows, length, bias, code,
                   params, post_code, post_params):
@@ -663,10 +673,15 @@ def _gemm_conv_batched(x5, xp_buf, w, bias, out, out_pitch, res, res_pitch, col_
                   0.0, y_buf, k0 * width, width)
             for j in range(n1 - n0):
                 n = n0 + j
-                epilogue_rows(y_buf, k0 * width + j * positions, out,
-                              n * out_pitch + k0 * positions, res, n * res_pitch + k0 * positions,
-                              (width, positions, positions), k1 - k0, positions, bias_part, code,
-                              params, post_code, post_params)
+                if has_epilogue:
+                    epilogue_rows(y_buf, k0 * width + j * positions, out,
+                                  n * out_pitch + k0 * positions, res,
+                                  n * res_pitch + k0 * positions, (width, positions, positions),
+                                  k1 - k0, positions, bias_part, code, params, post_code,
+                                  post_params)
+                else:
+                    _copy_rows(y_buf, k0 * width + j * positions, width, out,
+                               n * out_pitch + k0 * positions, positions, k1 - k0, positions)
 
 
 @lru_cache(maxsize=1024)
