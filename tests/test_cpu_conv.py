@@ -328,6 +328,24 @@ def test_blocks_and_bands_match_reference(algorithm, x_shape, w_shape, attrs):
     check(model, feeds, algorithm)
 
 
+# the batched plan (small images side by side): its products split by rows, or (few output
+# channels, images enough) by images, with an odd last share; grouped; 1x1 reading x itself
+BATCHED_CASES = [
+    ("im2col_gemm", (5, 6, 7, 7), (12, 6, 3, 3), {"pads": [1, 1, 1, 1]}),
+    ("im2col_gemm", (3, 8, 5, 6), (300, 8, 3, 3), {"pads": [1, 0, 1, 2]}),
+    ("grouped", (3, 32, 6, 6), (10, 16, 3, 3), {"pads": [1, 1, 1, 1], "group": 2}),
+    ("gemm_1x1", (7, 9, 4, 5), (13, 9, 1, 1), {}),
+]
+
+
+@pytest.mark.parametrize("algorithm, x_shape, w_shape, attrs", BATCHED_CASES,
+                         ids=["image_split", "row_split", "grouped", "1x1"])
+def test_batched_plan_matches_reference(algorithm, x_shape, w_shape, attrs):
+    model, feeds = conv_model(x_shape, w_shape, attrs, seed=63, act=("Relu", {}), residual=True,
+                              post=("Relu", {}))
+    check(model, feeds, algorithm)
+
+
 @pytest.mark.parametrize("algorithm", [c[0] for c in SPLIT_CASES])
 def test_blocks_and_bands_write_into_concat_slice(algorithm):
     _, x_shape, w_shape, attrs = next(c for c in SPLIT_CASES if c[0] == algorithm)
