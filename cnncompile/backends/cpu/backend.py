@@ -334,8 +334,11 @@ class CompileJob:
         cached = hasattr(dispatcher._cache, "_cache_file")
         self.portable = cached and module is not None and getattr(module, fn.__name__, None) \
             is dispatcher
-        # parfor lowering makes a parallel kernel several times slower to compile
+        # parfor lowering makes a parallel kernel several times slower to compile; a kernel
+        # module may say more (COMPILE_WEIGHTS: name -> cold seconds measured), so that the
+        # slowest go to the workers first
         weight = 3 if dispatcher.targetoptions.get("parallel") else 1
+        weight = getattr(module, "COMPILE_WEIGHTS", {}).get(fn.__name__, weight)
         self.cost = weight * len(signatures)
 
     @property

@@ -27,6 +27,8 @@ from .conv import (NO_ACT, NO_BIAS, Target, _EMPTY5, _valid_range, as5, batch_st
                    epilogue_args)
 from .epilogue import epilogue_plane
 
+#: cold compile seconds of the parallel kernel, for backend.precompile (the slowest first)
+COMPILE_WEIGHTS = {"depthwise_conv": 13}
 #: a job takes several small planes, so that its buffer allocation is paid once
 JOB_ELEMENTS = 4096
 #: multiply-adds may fuse (FMA); nothing else is relaxed

@@ -41,6 +41,8 @@ from .conv import NO_ACT, NO_BIAS, epilogue_args, scratch, serial_blas, threads
 from .epilogue import NONE, RELU, activation_row
 
 _EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
+#: cold compile seconds of the drivers (both tiles' transforms in each), for backend.precompile
+COMPILE_WEIGHTS = {"_winograd_blocks": 10, "_winograd_bands": 10}
 #: bytes of one band's transformed input and GEMM result (V and M): most of a core's L2
 BAND_BYTES = 3 << 19
 #: bands of fewer tiles than this make GEMMs too short: such images go whole, in image blocks
