@@ -30,8 +30,8 @@ def compile(model, target: str = "reference", input_shapes: Mapping[str, tuple] 
     """Compile an ONNX model (path, bytes or ModelProto) into a runnable Module.
 
     input_shapes    fixes dynamic dimensions: {"input": (1, 3, 224, 224)}
-    target          "reference" (NumPy interpreter) or "cpu" (the reference until the Numba backend
-                    lands); "cuda" comes later
+    target          "reference" (NumPy interpreter) or "cpu" (generated Python + Numba kernels over
+                    one memory arena); "cuda" comes later
     opt_level       0 none, 1 cleanup, 2 cleanup + fusion + lowering + memory plan (default), 3 also
                     autotuning; ``cnncompile.passes.PIPELINES`` lists them
     constant_inputs binds graph inputs to fixed arrays at compile time (their values become constants)
