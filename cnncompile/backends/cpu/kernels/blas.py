@@ -95,31 +95,44 @@ def _register() -> str:
 BLAS_NAME = _register()
 
 
+class _Args:
+    """An intrinsic's arguments as the BLAS calls take them: 64-bit integers, float32 scalars,
+    pointers to an array's element ``at``, trans flags as CBLAS enums."""
+
+    def __init__(self, context, builder, signature, args):
+        self.context, self.builder = context, builder
+        self.types, self.values = signature.args, args
+
+    def cast(self, index, to):
+        return self.context.cast(self.builder, self.values[index], self.types[index], to)
+
+    def i64(self, index):
+        return self.cast(index, types.int64)
+
+    def f32(self, index):
+        return self.cast(index, types.float32)
+
+    def pointer(self, index, at_index):
+        array = self.context.make_array(self.types[index])(self.context, self.builder,
+                                                           self.values[index])
+        return self.builder.gep(array.data, [self.i64(at_index)])
+
+    def trans(self, index):
+        return self.builder.add(self.cast(index, types.int32), ir.Constant(_I32, NO_TRANS))
+
+
 @intrinsic
 def _sgemm(typingctx, trans_a, trans_b, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c, c_at,
            ldc):
     sig = types.void(trans_a, trans_b, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c, c_at, ldc)
 
     def codegen(context, builder, signature, args):
-        (trans_a, trans_b, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c, c_at, ldc) = args
-        arg_types = signature.args
-
-        def i64(index):
-            return context.cast(builder, args[index], arg_types[index], types.int64)
-
-        def pointer(index, at_index):
-            array = context.make_array(arg_types[index])(context, builder, args[index])
-            return builder.gep(array.data, [i64(at_index)])
-
-        def trans(index):
-            flag = context.cast(builder, args[index], arg_types[index], types.int32)
-            return builder.add(flag, ir.Constant(_I32, NO_TRANS))
-
+        v = _Args(context, builder, signature, args)
         function = cgutils.get_or_insert_function(builder.module, _SGEMM_TYPE, SYMBOL)
         builder.call(function, [
-            ir.Constant(_I32, ROW_MAJOR), trans(0), trans(1), i64(2), i64(3), i64(4),
-            ir.Constant(_F32, 1.0), pointer(5, 6), i64(7), pointer(8, 9), i64(10),
-            context.cast(builder, beta, arg_types[11], types.float32), pointer(12, 13), i64(14)])
+            ir.Constant(_I32, ROW_MAJOR), v.trans(0), v.trans(1), v.i64(2), v.i64(3), v.i64(4),
+            ir.Constant(_F32, 1.0), v.pointer(5, 6), v.i64(7), v.pointer(8, 9), v.i64(10),
+            v.f32(11), v.pointer(12, 13), v.i64(14)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -130,22 +143,12 @@ def _sgemv(typingctx, trans, m, n, a, a_at, lda, x, x_at, incx, beta, y, y_at, i
     sig = types.void(trans, m, n, a, a_at, lda, x, x_at, incx, beta, y, y_at, incy)
 
     def codegen(context, builder, signature, args):
-        arg_types = signature.args
-
-        def i64(index):
-            return context.cast(builder, args[index], arg_types[index], types.int64)
-
-        def pointer(index, at_index):
-            array = context.make_array(arg_types[index])(context, builder, args[index])
-            return builder.gep(array.data, [i64(at_index)])
-
-        flag = context.cast(builder, args[0], arg_types[0], types.int32)
+        v = _Args(context, builder, signature, args)
         function = cgutils.get_or_insert_function(builder.module, _SGEMV_TYPE, GEMV_SYMBOL)
         builder.call(function, [
-            ir.Constant(_I32, ROW_MAJOR), builder.add(flag, ir.Constant(_I32, NO_TRANS)),
-            i64(1), i64(2), ir.Constant(_F32, 1.0), pointer(3, 4), i64(5), pointer(6, 7), i64(8),
-            context.cast(builder, args[9], arg_types[9], types.float32), pointer(10, 11),
-            i64(12)])
+            ir.Constant(_I32, ROW_MAJOR), v.trans(0), v.i64(1), v.i64(2), ir.Constant(_F32, 1.0),
+            v.pointer(3, 4), v.i64(5), v.pointer(6, 7), v.i64(8), v.f32(9), v.pointer(10, 11),
+            v.i64(12)])
         return context.get_dummy_value()
 
     return sig, codegen
