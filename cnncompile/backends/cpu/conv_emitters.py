@@ -88,15 +88,15 @@ def emit_conv(node: Node, cg: Codegen):
     values = [v for v in (x, w, b, r, y) if v is not None]
     if any(v.type.dtype != FLOAT32 or not v.type.is_static for v in values):
         return False
-    if not w.is_constant:
-        from .grad_emitters import emit_runtime_conv
-        return emit_runtime_conv(node, cg)
     try:
         act = _act(node.attrs.get("activation", ""), node.attrs.get("activation_attrs"))
         post = _act(node.attrs.get("post_activation", ""),
                     node.attrs.get("post_activation_attrs"))
     except UnsupportedActivation:
         return False
+    if not w.is_constant:
+        from .grad_emitters import emit_runtime_conv
+        return emit_runtime_conv(node, cg, act, post)
     weights = np.asarray(w.data, dtype=np.float32)
     bias = "None" if b is None else (
         cg.constant(np.asarray(b.data, np.float32), f"{node.name}_bias") if b.is_constant

@@ -15,11 +15,10 @@ import numpy as np
 from ...ir.graph import Node
 from ...ops.pool import _window_counts
 from .codegen import Codegen
-from .conv_emitters import WINOGRAD_TILES, _act, choose_algorithm, workspace
+from .conv_emitters import WINOGRAD_TILES, choose_algorithm, workspace
 from .emitters import emits, literal
 from .kernels import training
 from .kernels.conv import geometry, scratch_size
-from .kernels.epilogue import UnsupportedActivation
 
 KERNELS = "cnncompile.backends.cpu.kernels.training"
 CONV = "cnncompile.backends.cpu.kernels.conv"
@@ -51,21 +50,13 @@ def _winograd_tile(out_spatial) -> int:
     return 2 if int(np.prod(out_spatial)) >= WINOGRAD_MIN_POSITIONS else 0
 
 
-def emit_runtime_conv(node: Node, cg: Codegen):
-    """Conv / FusedConv / ConvTranspose whose W is not a constant (emit_conv calls this after its
-    dtype and shape checks)."""
+def emit_runtime_conv(node: Node, cg: Codegen, act: tuple, post: tuple):
+    """Conv / FusedConv / ConvTranspose whose W is not a constant: emit_conv calls this after its
+    dtype and shape checks, with the epilogue's activations (act, post) parsed."""
     x, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
     r = node.inputs[3] if len(node.inputs) > 3 else None
     y = node.outputs[0]
-    if not _float32_static([x, w, b, r, y]):
-        return False
-    try:
-        act = _act(node.attrs.get("activation", ""), node.attrs.get("activation_attrs"))
-        post = _act(node.attrs.get("post_activation", ""),
-                    node.attrs.get("post_activation_attrs"))
-    except UnsupportedActivation:
-        return False
     attrs = node.attrs
     g = _geometry(attrs, y.type.shape[2:])
     group = attrs["group"]
@@ -125,8 +116,7 @@ def _emit_runtime_transposed(node: Node, cg: Codegen, bias: str, g: tuple) -> No
         cg.line(f"{call}({cg.arg(x)}, {cg.arg(w)}, {bias}, {cg.dest(y)}, {ws}, {conv_g!r}, "
                 f"group={group}, winograd={m}, pads={tuple(pads)!r})")
         return None
-    ws = workspace(cg, training.transpose_batched_size(x.type.shape, w.type.shape, g,
-                                                              group))
+    ws = workspace(cg, training.transpose_batched_size(x.type.shape, w.type.shape, g, group))
     call = cg.kernel(KERNELS, "conv_transpose_batched")
     cg.line(f"{call}({cg.arg(x)}, {cg.arg(w)}, {bias}, {cg.dest(y)}, {ws}, {g!r}, "
             f"group={group})")
