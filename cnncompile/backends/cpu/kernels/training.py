@@ -39,6 +39,10 @@ NO_BIAS = np.zeros(0, dtype=np.float32)
 _F2_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 _F4_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+#: G kron G: row i * alpha + j, column p * 3 + q holds G[i, p] G[j, q], so that (G kron G) @ the
+#: filter's 9 taps is G w G^T as alpha^2 values
+_F2_GG = np.kron(_F2_G, _F2_G).astype(np.float32)
+_F4_GG = np.kron(_F4_G, _F4_G).astype(np.float32)
 
 
 # ---- shape helpers (conv.py's conventions, kept here so that its internals may change) ----------
@@ -100,22 +104,16 @@ def columns_from(y, out, start):
 
 
 # ---- convolution with run-time weights -----------------------------------------------------------
-@njit(parallel=True, cache=True)
-def winograd_filter(w, gm, u):
-    """u[alpha^2, K, C] = G w[k, c] G^T (float64 arithmetic) for 3x3 weights w (K, C, 3, 3)."""
+@njit(nogil=True, parallel=True, cache=True)
+def winograd_filter(w, gg, u, parts):
+    """u (alpha^2, K, C) = G w[k, c] G^T for 3x3 weights w (K, C, 3, 3): u's rows are
+    (G kron G) (alpha^2, 9) @ w (K * C, 9)^T, one product per block of filters (``parts``).
+    As scalar loops per filter (float64) it took ~0.26 ms per 128 x 128 layer, ~4 ms a step."""
     k_out, channels = w.shape[0], w.shape[1]
-    alpha = gm.shape[0]
-    for job in prange(k_out):
-        tmp = np.empty((alpha, 3), np.float64)
-        for c in range(channels):
-            f = w[job, c]
-            for i in range(alpha):
-                for j in range(3):
-                    tmp[i, j] = gm[i, 0] * f[0, j] + gm[i, 1] * f[1, j] + gm[i, 2] * f[2, j]
-            for i in range(alpha):
-                for j in range(alpha):
-                    u[i * alpha + j, job, c] = (tmp[i, 0] * gm[j, 0] + tmp[i, 1] * gm[j, 1]
-                                                + tmp[i, 2] * gm[j, 2])
+    for part in prange(parts):
+        k0, k1 = part * k_out // parts, (part + 1) * k_out // parts
+        sgemm(0, 1, gg.shape[0], (k1 - k0) * channels, 9, gg, 0, 9, w, k0 * channels * 9, 9,
+              0.0, u, k0 * channels, k_out * channels)
 
 
 def winograd_runtime_size(n_batch, channels, k_out, out_h, out_w, m) -> int:
@@ -130,7 +128,9 @@ def conv_winograd_runtime(x, w, bias, out, ws, m, pads, act=NO_ACT, residual=Non
     k_out, channels = w.shape[0], w.shape[1]
     size = (m + 2) ** 2 * k_out * channels
     u = ws[:size].reshape((m + 2) ** 2, k_out, channels)
-    winograd_filter(contiguous(w), _F4_G if m == 4 else _F2_G, u)
+    with serial_blas():
+        winograd_filter(contiguous(w), _F4_GG if m == 4 else _F2_GG, u,
+                        min(k_out, 2 * threads()))
     return conv_winograd(x, u, bias, out, ws[size:], m, pads, act, residual, post)
 
 
