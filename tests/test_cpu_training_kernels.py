@@ -140,10 +140,34 @@ def test_pool_grads(case):
     out = out[0] if isinstance(out, list) else out
     dy = rand(rng, *out.shape)
     check("MaxPoolGrad", {"dY": dy, "X": x}, attrs)
+    y = _max_pool(x, attrs)
+    check("MaxPoolGrad", {"dY": dy, "X": x, "Y": y}, attrs)  # routed by comparing with Y
     if dilations is None:
         for include in (0, 1):
             check("AveragePoolGrad", {"dY": dy},
                   dict(attrs, count_include_pad=include, shape=list(shape)))
+
+
+def _max_pool(x, attrs):
+    y = OPS["MaxPool"].reference(x, **{**attrs, "storage_order": 0})
+    return y[0] if isinstance(y, (list, tuple)) else y
+
+
+def test_max_pool_grad_with_nan_and_inf_maxima():
+    """Rows whose window maxima hold a NaN or -inf (where the padding or a NaN decides which
+    element took the maximum) go by the running maximum, Y or not."""
+    rng = np.random.default_rng(11)
+    attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1],
+             "dilations": [1, 1], "ceil_mode": 0}
+    x = rand(rng, 2, 3, 9, 9)
+    x[0, 0, 2, 3] = np.nan
+    x[0, 1, 0, :4] = -np.inf  # a corner window of -inf: the padding is its first maximum
+    x[0, 1, 1, :4] = -np.inf
+    x[1, 2, 4, 4] = np.inf
+    y = _max_pool(x, attrs)
+    dy = rand(rng, *y.shape)
+    check("MaxPoolGrad", {"dY": dy, "X": x}, attrs)
+    check("MaxPoolGrad", {"dY": dy, "X": x, "Y": y}, attrs)
 
 
 @pytest.mark.parametrize("shape", [(4, 7, 5, 3), (3, 5), (2, 3, 17), (2, 4, 3, 2, 5)])

@@ -184,19 +184,24 @@ def _check_pool_grad(op: str, dy: TensorType, x_shape, kernel_shape, strides, di
 @register
 class MaxPoolGrad(Op):
     """dX of MaxPool: each dY element goes to the first maximum of its window (the element the
-    forward picked; the window is recomputed from X rather than stored as indices)."""
+    forward picked; found again in X rather than stored as indices). The optional Y, the
+    forward's output, lets a kernel find it by comparing each element with its window's
+    maximum; the result is the same."""
     attrs = dict(_POOL_ATTRS)
-    input_names = ("dY", "X")
+    input_names = ("dY", "X", "Y")
     internal = True
 
     @staticmethod
-    def infer(dy, x, **attrs):
+    def infer(dy, x, y=None, **attrs):
         _require_float("MaxPoolGrad", x, "X")
         _check_pool_grad("MaxPoolGrad", dy, x.shape, **attrs)
+        if y is not None and (y.shape != dy.shape or y.dtype != x.dtype):
+            raise ShapeError(f"MaxPoolGrad: Y (the forward's output) is {y}; it must have dY's "
+                             f"shape {list(dy.shape)} and X's dtype {x.dtype}")
         return x
 
     @staticmethod
-    def reference(dy, x, ceil_mode=0, dilations=None, kernel_shape=None, pads=None,
+    def reference(dy, x, y=None, ceil_mode=0, dilations=None, kernel_shape=None, pads=None,
                   strides=None):
         rank = x.ndim - 2
         strides, dilations, pads, sizes, out = _window_geometry(x.shape, dy.shape[2:], strides,

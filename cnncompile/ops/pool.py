@@ -147,10 +147,10 @@ class MaxPool(Op):
 
     @staticmethod
     def gradient(g, node, grads):
-        """dY goes to each window's maximum; MaxPoolGrad finds it again in X (the first maximum,
-        as the forward picks), so the Indices output need not be kept."""
+        """dY goes to each window's maximum; MaxPoolGrad finds it again in X (the first element
+        equal to Y, the window's maximum, as the forward picks), so no Indices are kept."""
         window = {k: node.attrs[k] for k in WINDOW}
-        return [g.op("MaxPoolGrad", [grads[0], node.inputs[0]], window)]
+        return [g.op("MaxPoolGrad", [grads[0], node.inputs[0], node.outputs[0]], window)]
 
 
 # ---- AveragePool ---------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ class GlobalMaxPool(Op):
     @staticmethod
     def gradient(g, node, grads):
         x = node.inputs[0]
-        return [g.op("MaxPoolGrad", [grads[0], x], _global_window(x))]
+        return [g.op("MaxPoolGrad", [grads[0], x, node.outputs[0]], _global_window(x))]
 
 
 @register

@@ -139,13 +139,15 @@ def emit_conv_grad_weight(node: Node, cg: Codegen):
 
 @emits("MaxPoolGrad")
 def emit_max_pool_grad(node: Node, cg: Codegen):
-    dy, x = node.inputs
+    dy, x = node.inputs[:2]
+    y = node.inputs[2] if len(node.inputs) > 2 else None
     dx = node.outputs[0]
-    if not _float32_static([dy, x, dx]):
+    if not _float32_static([dy, x, y, dx]):
         return False
     g = _geometry(node.attrs, dy.type.shape[2:])
     call = cg.kernel(KERNELS, "max_pool_backward")
-    cg.line(f"{call}({cg.arg(dy)}, {cg.arg(x)}, {cg.dest(dx)}, {g!r})")
+    maxima = "" if y is None else f", y={cg.arg(y)}"
+    cg.line(f"{call}({cg.arg(dy)}, {cg.arg(x)}, {cg.dest(dx)}, {g!r}{maxima})")
     return None
 
 
