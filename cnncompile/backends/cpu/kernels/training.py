@@ -30,6 +30,7 @@ from .blas import sgemm
 from .conv import (_EMPTY5, _gemm_conv, _valid_range, col2im, im2col_image, padded_shape,
                    row_blocks, serial_blas, threads)
 from .conv import scratch_size as conv_scratch_size
+from .pool import REDUCE_MATH
 from .winograd import conv_winograd
 from .winograd import scratch_size as winograd_scratch
 
@@ -548,10 +549,11 @@ def out_planes(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], a.shape[1], -1, copy=False)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
 def batchnorm_train(x, scale, bias, y, mean, var, epsilon):
     """Per channel of x (N, C, S): the batch mean and biased variance (two passes, float64 sums
-    of float32 rows) and y = (x - mean) * (scale / sqrt(var + epsilon)) + bias."""
+    of float32 rows) and y = (x - mean) * (scale / sqrt(var + epsilon)) + bias. The sums may be
+    reassociated, so that they vectorise (as ordered scalar adds they took 2/3 of the time)."""
     n_batch, channels, positions = x.shape
     count = n_batch * positions
     for c in prange(channels):
@@ -579,7 +581,7 @@ def batchnorm_train(x, scale, bias, y, mean, var, epsilon):
         var[c] = sigma2
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
 def batchnorm_train_grad(dy, x, scale, mean, var, dmean, dvar, dx, dscale, dbias, epsilon):
     """BatchNormTrainGrad per channel of (N, C, S) arrays: dB = sum dY, dscale = sum dY * xhat,
     dX = dY * gain + (x - mean) * k + c (see the op); dmean / dvar of size 0 mean none."""
