@@ -104,6 +104,21 @@ def test_conv_grad_weight_and_input(case):
     check("ConvTranspose", {"X": dy, "W": w}, transposed)
 
 
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: "x".join(map(str, c[0])) + f"_k{c[2]}")
+def test_conv_grad_weight_whole_batch_plan(case, monkeypatch):
+    """The plan for large dW (one product over the batch, in blocks of input channels) on every
+    geometry; the small cases above take the per-image plan."""
+    from cnncompile.backends.cpu.kernels import training
+
+    monkeypatch.setattr(training, "PER_IMAGE_MAX_WEIGHTS", 0)
+    shape, k_out, kernel, strides, pads, dilations, group = case
+    rng = np.random.default_rng(len(shape) * 7 + k_out)
+    attrs = conv_attrs(len(kernel), kernel, strides, pads, dilations, group)
+    y = OPS["Conv"].infer(TensorType(np.float32, shape),
+                          TensorType(np.float32, (k_out, shape[1] // group, *kernel)), **attrs)
+    check("ConvGradWeight", {"X": rand(rng, *shape), "dY": rand(rng, *y.shape)}, attrs)
+
+
 def test_conv_transpose_runtime_with_bias_and_output_padding():
     rng = np.random.default_rng(5)
     attrs = dict(conv_attrs(2, (3, 3), (2, 2), (1, 1, 0, 1)), output_padding=[1, 0], group=1)
