@@ -321,11 +321,12 @@ def _grad_weight_images(x5, dy5, xp_buf, col_buf, partial, dw, g):
 
 #: weight gradients up to this many elements are summed per image into per-thread partials:
 #: short products per image, but their columns stay in cache and no thread waits for a share
-#: of a few channels. Measured on ResNet-18's layers at batch 8 (ms, per image / whole batch in
-#: blocks of channels): 3 -> 64 7x7 s2 3.1 / 7.4, 64 -> 64 3x3 2.7 / 3.2, 64 -> 128 3x3 s2
-#: 1.6 / 1.5, 128 -> 128 3x3 2.7-3.0 / 2.7, 128 -> 256 3x3 s2 3.0 / 1.3, 256 -> 512 1x1 s2
-#: 0.9 / 0.3.
-PER_IMAGE_MAX_WEIGHTS = 1 << 16
+#: of a few channels. In ResNet-18's training step at batch 8 (ms per image / whole batch in
+#: blocks of channels): 64 -> 64 3x3 at 28x28 2.7 / 3.2, 128 -> 128 3x3 at 14x14 2.4 / 3.0-3.5
+#: (alone, with its inputs in cache, the whole batch read 2.7 against 2.9: time these in the
+#: model), 256 -> 512 1x1 s2 0.42 / 0.48; 4x4 and 7x7 layers of 256-512 channels take the
+#: whole batch.
+PER_IMAGE_MAX_WEIGHTS = 1 << 19
 
 
 def grad_weight_size(x_shape, dy_shape, g) -> int:
