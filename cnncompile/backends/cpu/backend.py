@@ -364,12 +364,13 @@ def precompile(jobs: list[CompileJob], progress: bool = True) -> None:
     bar = Progress(f"compiling kernels ({processes})", len(jobs), enabled=progress)
 
     def take(worker: bool) -> CompileJob | None:
-        """Workers take the largest job left, this process the smallest (and those only it can
-        compile), so that the two ends meet with about equal work done."""
+        """The largest job left, whoever asks (longest first: the last job to start is a small
+        one); those only this process can compile come last. Taking from both ends instead left
+        ResNet-50's second-largest kernel (7 s) to start last, at 12 s of 19."""
         with lock:
             if not queue or (worker and not queue[0].portable):
                 return None
-            job = queue.popleft() if worker else queue.pop()
+            job = queue.popleft()
             bar.step(job.label)
             return job
 

@@ -507,7 +507,7 @@ BATCH_BYTES = 8 << 20
 ROW_ALIGN = 16
 BLOCKS, BATCHED = 0, 1
 #: cold compile seconds of the parallel drivers (with their helpers), for backend.precompile
-COMPILE_WEIGHTS = {"_gemm_conv_blocks": 4, "_gemm_conv_batched": 5}
+COMPILE_WEIGHTS = {"_gemm_conv_blocks": 4, "_gemm_conv_batched": 7}
 
 
 @lru_cache(maxsize=1024)
