@@ -12,9 +12,9 @@ laid out [alpha^2, K, C] for the GEMM). A call runs three steps on a set of tile
    interleaved back into the output rows, cropped at the edges, with the epilogue (bias,
    activation, residual, post activation) while the rows are in cache.
 
-The transforms are serial functions; ``conv_winograd`` runs them as the tasks of one parallel
-Numba call (``_winograd_bands`` / ``_winograd_blocks``, the GEMMs as blas.sgemm from inside), in
-one of two ways (``plan``): large images in bands of tile rows, each band all three steps in its
+The transforms are serial functions; ``conv_winograd`` runs them as the tasks of parallel Numba
+calls (``_winograd_bands``, or ``_winograd_inputs`` then ``_winograd_products``; the GEMMs as
+blas.sgemm from inside), in one of two ways (``plan``): large images in bands of tile rows, each band all three steps in its
 thread's own L2-sized scratch (U-Net's 256x256 layers ran 1.3-2.2x faster single-threaded than
 with the whole image's V and M at once); small images (14x14, 7x7) in blocks of images, step 1
 split by channels, then steps 2-3 by ranges of output channels, so that each thread reads only
@@ -42,7 +42,7 @@ from .epilogue import NONE, RELU, activation_row
 
 _EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
 #: cold compile seconds of the drivers (both tiles' transforms in each), for backend.precompile
-COMPILE_WEIGHTS = {"_winograd_blocks": 10, "_winograd_bands": 10}
+COMPILE_WEIGHTS = {"_winograd_inputs": 4, "_winograd_products": 7, "_winograd_bands": 10}
 #: bytes of one band's transformed input and GEMM result (V and M): most of a core's L2
 BAND_BYTES = 3 << 19
 #: bands of fewer tiles than this make GEMMs too short: such images go whole, in image blocks
@@ -426,54 +426,71 @@ def _winograd_bands(x, u, bias, out, res, buf, m, band_rows, top, left, code, pa
                     post_params)
 
 
+# plan's "blocks" is two parallel kernels, not one with two prange loops: Numba compiles each
+# kernel with its helpers linked into every loop, and two kernels compile in two processes
+# (ResNet-50's cold compile waited ~12 s on the single driver)
 @njit(nogil=True, parallel=True, cache=True)
+def _winograd_inputs(x, v, m, th, tw, cparts, top, left):
+    """The input transform of x's images (a block of nb) into v (alpha^2, C, nb * tiles), a
+    task per image and range of channels (``cparts`` ranges)."""
+    channels = x.shape[1]
+    per_image = th * tw
+    c_block = (channels + cparts - 1) // cparts
+    for task in prange(x.shape[0] * cparts):
+        n = task // cparts
+        c0 = task % cparts * c_block
+        c1 = min(channels, c0 + c_block)
+        if c0 < c1:
+            if m == 4:
+                input_f4(x[n:n + 1, c0:c1], v, th, tw, top, left, c0, n * per_image)
+            else:
+                input_f2(x[n:n + 1, c0:c1], v, th, tw, top, left, c0, n * per_image)
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _winograd_products(u, v, bias, out, res, buf, m, th, tw, kparts, code, params, post_code,
+                       post_params):
+    """A task per range of output channels (``kparts`` ranges): the alpha^2 GEMMs of U's rows
+    with v (from _winograd_inputs) into the thread's slot of buf, then the output transform with
+    the epilogue into out (the block's images)."""
+    alpha2, k_out, channels = u.shape
+    count = v.shape[2]
+    k_block = (k_out + kparts - 1) // kparts
+    for part in prange(kparts):
+        k0 = part * k_block
+        k1 = min(k_out, k0 + k_block)
+        if k0 < k1:
+            at = numba.get_thread_id() * alpha2 * k_block * count
+            mm = buf[at:at + alpha2 * (k1 - k0) * count].reshape((alpha2, k1 - k0, count))
+            for p in range(alpha2):
+                sgemm(0, 0, k1 - k0, count, channels, u, (p * k_out + k0) * channels,
+                      channels, v, p * channels * count, count, 0.0, mm, p * (k1 - k0) * count,
+                      count)
+            kb = channel_block(k1 - k0, count)
+            if m == 4:
+                output_f4(mm, out, bias, th, tw, kb, 0, k0, 0, code, params, res, post_code,
+                          post_params)
+            else:
+                output_f2(mm, out, bias, th, tw, kb, 0, k0, 0, code, params, res, post_code,
+                          post_params)
+
+
 def _winograd_blocks(x, u, bias, out, res, buf, m, nb, kparts, workers, top, left, code, params,
                      post_code, post_params):
-    """plan's "blocks": per block of nb images, the input transform (a task per image and
-    channel range) into one shared V, then a task per range of output channels: its GEMMs
-    into the thread's slot and the output transform."""
+    """plan's "blocks": per block of nb images, the input transform into one shared V
+    (_winograd_inputs), then a task per range of output channels (_winograd_products)."""
     n_batch, channels = x.shape[0], x.shape[1]
-    alpha2, k_out = u.shape[0], u.shape[1]
+    alpha2 = u.shape[0]
     th, tw = (out.shape[2] + m - 1) // m, (out.shape[3] + m - 1) // m
-    per_image = th * tw
-    k_block = (k_out + kparts - 1) // kparts
-    has_res = res.shape[0] != 0
     for n0 in range(0, n_batch, nb):
         n1 = min(n_batch, n0 + nb)
-        count = (n1 - n0) * per_image
+        count = (n1 - n0) * th * tw
         v = buf[:alpha2 * channels * count].reshape((alpha2, channels, count))
-        base = alpha2 * channels * count
         cparts = min(channels, max(1, (2 * workers + n1 - n0 - 1) // (n1 - n0)))
-        c_block = (channels + cparts - 1) // cparts
-        for task in prange((n1 - n0) * cparts):
-            n = task // cparts
-            c0 = task % cparts * c_block
-            c1 = min(channels, c0 + c_block)
-            if c0 < c1:
-                if m == 4:
-                    input_f4(x[n0 + n:n0 + n + 1, c0:c1], v, th, tw, top, left, c0,
-                             n * per_image)
-                else:
-                    input_f2(x[n0 + n:n0 + n + 1, c0:c1], v, th, tw, top, left, c0,
-                             n * per_image)
-        for part in prange(kparts):
-            k0 = part * k_block
-            k1 = min(k_out, k0 + k_block)
-            if k0 < k1:
-                at = base + numba.get_thread_id() * alpha2 * k_block * count
-                mm = buf[at:at + alpha2 * (k1 - k0) * count].reshape((alpha2, k1 - k0, count))
-                for p in range(alpha2):
-                    sgemm(0, 0, k1 - k0, count, channels, u, (p * k_out + k0) * channels,
-                          channels, v, p * channels * count, count, 0.0, mm,
-                          p * (k1 - k0) * count, count)
-                kb = channel_block(k1 - k0, count)
-                res_block = res[n0:n1] if has_res else res
-                if m == 4:
-                    output_f4(mm, out[n0:n1], bias, th, tw, kb, 0, k0, 0, code, params,
-                              res_block, post_code, post_params)
-                else:
-                    output_f2(mm, out[n0:n1], bias, th, tw, kb, 0, k0, 0, code, params,
-                              res_block, post_code, post_params)
+        _winograd_inputs(x[n0:n1], v, m, th, tw, cparts, top, left)
+        _winograd_products(u, v, bias, out[n0:n1], res[n0:n1] if res.shape[0] else res,
+                           buf[v.size:], m, th, tw, kparts, code, params, post_code,
+                           post_params)
 
 
 def conv_winograd(x, u, bias, out, ws, m, pads, act=NO_ACT, residual=None, post=NO_ACT):
