@@ -507,7 +507,8 @@ BATCH_BYTES = 8 << 20
 ROW_ALIGN = 16
 BLOCKS, BATCHED = 0, 1
 #: cold compile seconds of the parallel drivers (with their helpers), for backend.precompile
-COMPILE_WEIGHTS = {"_gemm_conv_blocks": 4, "_gemm_conv_batched": 7}
+COMPILE_WEIGHTS = {"_gemm_conv_blocks": 4, "_padded_columns": 2, "_image_columns": 2,
+                   "_batched_products": 4}
 
 
 @lru_cache(maxsize=1024)
@@ -682,78 +683,113 @@ def _gemm_conv_blocks(x5, xps, w, bias, out, out_pitch, res, res_pitch, buf, g, 
                           post_code, post_params)
 
 
+# The BATCHED plan (gemm_plan) is up to three parallel kernels, not one with three prange loops:
+# Numba compiles each kernel with its helpers linked into every loop, a kernel compiles only where
+# a model needs it, and separate kernels compile in separate processes (ResNet-50 waited ~8 s on
+# the single driver)
 @njit(nogil=True, parallel=True, cache=True)
-def _gemm_conv_batched(x5, xp_buf, w, bias, out, out_pitch, res, res_pitch, col_buf, y_buf, g,
-                       pack, nb, parts, blocks, code, params, post_code, post_params):
-    """The BATCHED plan (gemm_plan): per group of nb images, their columns side by side (a task
-    per block of channels, ``parts`` of them, or per image), then a task per block of output
-    rows and images (``blocks``, _batched_blocks)."""
-    n_batch, channels = x5.shape[0], x5.shape[1]
-    group, k_group, rows_g = w.shape
-    rows = group * rows_g
+def _padded_columns(x5, xp_buf, col_buf, g, parts):
+    """im2col of the images of x5 (a block of nb) side by side in col_buf (rows, nb * S), each
+    padded first: a task per block of channels (``parts`` blocks) over all images, so that a
+    task writes whole rows of the columns (a task per image, on 4x4 images' rows of 16 floats,
+    ran 3x slower)."""
+    n_images, channels = x5.shape[0], x5.shape[1]
     positions = g[12] * g[13] * g[14]
+    width = n_images * positions
+    taps = g[0] * g[1] * g[2]
     pad = xp_buf.shape[0] // numba.config.NUMBA_NUM_THREADS
     dp, hp, wp = (g[12] - 1) * g[3] + (g[0] - 1) * g[6] + 1, \
         (g[13] - 1) * g[4] + (g[1] - 1) * g[7] + 1, (g[14] - 1) * g[5] + (g[2] - 1) * g[8] + 1
+    nparts = min(channels, parts)
+    for part in prange(nparts):
+        c0, c1 = part * channels // nparts, (part + 1) * channels // nparts
+        slot = numba.get_thread_id()
+        xp = xp_buf[slot * pad:slot * pad + (c1 - c0) * dp * hp * wp].reshape(
+            (c1 - c0, dp, hp, wp))
+        block = col_buf[c0 * taps * width:c1 * taps * width].reshape(((c1 - c0) * taps, width))
+        for j in range(n_images):
+            im2col_image(x5[j, c0:c1], xp, block, g, j * positions)
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _image_columns(x5, col, g, pack):
+    """The columns of images that need no padded copy side by side in col, a task per image:
+    their im2col, or (not pack: 1x1) their rows copied."""
+    positions = g[12] * g[13] * g[14]
+    for j in prange(x5.shape[0]):
+        _columns(x5[j], col, g, col.shape[0], j * positions, positions, pack)
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _batched_products(x5, w, bias, out, out_pitch, res, res_pitch, col, y_buf, g, pack, n0, n1,
+                      blocks, code, params, post_code, post_params):
+    """The products of images n0..n1 (their columns in col, or for one 1x1 image x5 itself), a
+    task per block of output rows and images (``blocks``, _batched_blocks): straight into out
+    for one image, else into y_buf and scattered into out with the epilogue."""
+    group, k_group, rows_g = w.shape
+    positions = g[12] * g[13] * g[14]
+    width = (n1 - n0) * positions
     x_pitch = x5.strides[0] // 4
-    taps = g[0] * g[1] * g[2]
     has_epilogue = bias.shape[0] != 0 or code != 0 or res.shape[0] != 0
+    direct = n1 - n0 == 1  # one image: every GEMM writes straight into out
+    for b in prange(blocks.shape[0]):
+        k0, k1 = blocks[b, 0], blocks[b, 1]
+        i0, i1 = blocks[b, 2], min(blocks[b, 3], n1 - n0)
+        r0 = k0 // k_group * rows_g
+        bias_part = bias[k0:k1] if bias.shape[0] != 0 else bias
+        if direct:
+            if i0 != 0:
+                continue
+            at = n0 * out_pitch + k0 * positions
+            if pack:
+                sgemm(0, 0, k1 - k0, positions, rows_g, w, k0 * rows_g, rows_g,
+                      col, r0 * width, width, 0.0, out, at, positions)
+            else:
+                sgemm(0, 0, k1 - k0, positions, rows_g, w, k0 * rows_g, rows_g,
+                      x5, n0 * x_pitch + r0 * positions, positions, 0.0, out, at, positions)
+            if has_epilogue:
+                epilogue_rows(_EMPTY1, 0, out, at, res, n0 * res_pitch + k0 * positions,
+                              (0, positions, positions), k1 - k0, positions, bias_part,
+                              code, params, post_code, post_params)
+            continue
+        if i0 >= i1:
+            continue
+        sgemm(0, 0, k1 - k0, (i1 - i0) * positions, rows_g, w, k0 * rows_g, rows_g, col,
+              r0 * width + i0 * positions, width, 0.0, y_buf, k0 * width + i0 * positions,
+              width)
+        for j in range(i0, i1):
+            n = n0 + j
+            if has_epilogue:
+                epilogue_rows(y_buf, k0 * width + j * positions, out,
+                              n * out_pitch + k0 * positions, res,
+                              n * res_pitch + k0 * positions, (width, positions, positions),
+                              k1 - k0, positions, bias_part, code, params, post_code,
+                              post_params)
+            else:
+                _copy_rows(y_buf, k0 * width + j * positions, width, out,
+                           n * out_pitch + k0 * positions, positions, k1 - k0, positions)
+
+
+def _gemm_conv_batched(x5, xp_buf, w, bias, out, out_pitch, res, res_pitch, col_buf, y_buf, g,
+                       pack, nb, parts, blocks, code, params, post_code, post_params):
+    """The BATCHED plan (gemm_plan): per group of nb images, their columns side by side
+    (_padded_columns, a task per block of channels, ``parts`` of them; or _image_columns, a
+    task per image), then their products (_batched_products)."""
+    n_batch = x5.shape[0]
+    group, k_group, rows_g = w.shape
+    rows = group * rows_g
+    positions = g[12] * g[13] * g[14]
     for n0 in range(0, n_batch, nb):
         n1 = min(n_batch, n0 + nb)
         width = (n1 - n0) * positions
-        direct = n1 - n0 == 1  # one image: every GEMM writes straight into out
         filled = col_buf.shape[0] >= rows * width  # no columns: 1x1, one image at a time
         col = col_buf[:rows * width if filled else 0].reshape((rows if filled else 0, width))
-        # padded images' columns by blocks of channels, each over all nb images: a task writes
-        # whole rows of col (by images, 4x4 images' rows of 16 floats: 3x slower)
-        nparts = min(channels, parts) if pad else 0
-        for part in prange(nparts):
-            c0, c1 = part * channels // nparts, (part + 1) * channels // nparts
-            slot = numba.get_thread_id()
-            xp = xp_buf[slot * pad:slot * pad + (c1 - c0) * dp * hp * wp].reshape(
-                (c1 - c0, dp, hp, wp))
-            block = col_buf[c0 * taps * width:c1 * taps * width].reshape(
-                ((c1 - c0) * taps, width))
-            for j in range(n1 - n0):
-                im2col_image(x5[n0 + j, c0:c1], xp, block, g, j * positions)
-        for j in prange(n1 - n0 if not pad and (pack or not direct) else 0):
-            _columns(x5[n0 + j], col, g, rows, j * positions, positions, pack)
-        for b in prange(blocks.shape[0]):
-            k0, k1 = blocks[b, 0], blocks[b, 1]
-            i0, i1 = blocks[b, 2], min(blocks[b, 3], n1 - n0)
-            r0 = k0 // k_group * rows_g
-            bias_part = bias[k0:k1] if bias.shape[0] != 0 else bias
-            if direct:
-                if i0 != 0:
-                    continue
-                at = n0 * out_pitch + k0 * positions
-                if pack:
-                    sgemm(0, 0, k1 - k0, positions, rows_g, w, k0 * rows_g, rows_g,
-                          col, r0 * width, width, 0.0, out, at, positions)
-                else:
-                    sgemm(0, 0, k1 - k0, positions, rows_g, w, k0 * rows_g, rows_g,
-                          x5, n0 * x_pitch + r0 * positions, positions, 0.0, out, at, positions)
-                if has_epilogue:
-                    epilogue_rows(_EMPTY1, 0, out, at, res, n0 * res_pitch + k0 * positions,
-                                  (0, positions, positions), k1 - k0, positions, bias_part,
-                                  code, params, post_code, post_params)
-                continue
-            if i0 >= i1:
-                continue
-            sgemm(0, 0, k1 - k0, (i1 - i0) * positions, rows_g, w, k0 * rows_g, rows_g, col,
-                  r0 * width + i0 * positions, width, 0.0, y_buf, k0 * width + i0 * positions,
-                  width)
-            for j in range(i0, i1):
-                n = n0 + j
-                if has_epilogue:
-                    epilogue_rows(y_buf, k0 * width + j * positions, out,
-                                  n * out_pitch + k0 * positions, res,
-                                  n * res_pitch + k0 * positions, (width, positions, positions),
-                                  k1 - k0, positions, bias_part, code, params, post_code,
-                                  post_params)
-                else:
-                    _copy_rows(y_buf, k0 * width + j * positions, width, out,
-                               n * out_pitch + k0 * positions, positions, k1 - k0, positions)
+        if xp_buf.shape[0]:
+            _padded_columns(x5[n0:n1], xp_buf, col_buf[:rows * width], g, parts)
+        elif pack or n1 - n0 > 1:
+            _image_columns(x5[n0:n1], col, g, pack)
+        _batched_products(x5, w, bias, out, out_pitch, res, res_pitch, col, y_buf, g, pack, n0,
+                          n1, blocks, code, params, post_code, post_params)
 
 
 @lru_cache(maxsize=1024)
