@@ -156,6 +156,29 @@ def test_algorithm_choice(case, expected):
         node.annotations["_reason"])
 
 
+def test_streamed_weights_favour_the_smaller_copy():
+    """ResNet's 512-channel 7x7 layer at batch 1: F(2x2) while the weights stay in cache, im2col
+    (its W is 16/9 times smaller than F(2x2)'s) when every run reads them from memory."""
+    from cnncompile.passes.lowering import ConvProblem, choose
+
+    shape = dict(op="Conv", batch=1, channels=512, out_channels=512, group=1, kernel=(3, 3),
+                 strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1), in_spatial=(7, 7),
+                 out_spatial=(7, 7))
+    cached, _, _ = choose(ConvProblem(**shape))
+    streamed, reason, costs = choose(ConvProblem(**shape, streamed=True))
+    assert (cached, streamed) == ("winograd_f2x2_3x3", "im2col_gemm")
+    assert "weights read from memory every run" in reason
+    # at batch 8 the same weights serve 8x the tiles: Winograd again
+    assert choose(ConvProblem(**dict(shape, batch=8), streamed=True))[0] == "winograd_f2x2_3x3"
+
+
+def test_large_models_stream_their_weights():
+    small = _lowered(_conv_graph(channels=64, out_channels=64, size=7, pads=[1, 1, 1, 1]))[0]
+    large = _lowered(_conv_graph(channels=768, out_channels=768, size=7, pads=[1, 1, 1, 1]))[0]
+    assert "weights read from memory" not in small.nodes[0].annotations["_reason"]
+    assert "weights read from memory" in large.nodes[0].annotations["_reason"]
+
+
 def test_reason_records_shapes_and_multiply_counts():
     graph, _ = _lowered(_conv_graph(channels=64, out_channels=64, size=16, pads=[1, 1, 1, 1]))
     node = graph.nodes[0]

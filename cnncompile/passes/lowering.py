@@ -26,6 +26,10 @@ Every other conv is costed, in multiply-add equivalents at GEMM speed:
                faster in F(4x4) than F(2x2); and its 5-7x larger float32 error, see
                ops/winograd.py, buys a real speed-up).
 
+Every candidate also pays for reading its weights (W; Winograd's transformed W is (m+2)^2 / 9
+times larger) when the model's weights are larger than WEIGHT_CACHE_BYTES, so that they come from
+memory on every run: then at batch 1 a few tiles per weight make Winograd lose to im2col.
+
 The cheapest candidate wins. The constants are rough and deliberately few; the point is a choice
 that is explained, not a tuned one.
 """
@@ -55,6 +59,12 @@ GEMM_FULL_POSITIONS = 24
 DIRECT_EFFICIENCY = 0.5
 #: cost of one element written to a scratch buffer and read back, in MAC-equivalents
 IM2COL_TRAFFIC = 2.0
+#: cost of one weight element read from memory per call, in MAC-equivalents, charged when the
+#: model's weights exceed WEIGHT_CACHE_BYTES (then every run streams them from memory): at batch
+#: 1, ResNet-18's 512-channel 7x7 layers ran 2.0-2.2 ms in F(2x2) (16.8 MB of transformed
+#: weights) and the model 15.4 ms instead of 17.6 with im2col (9.4 MB)
+WEIGHT_TRAFFIC = 20.0
+WEIGHT_CACHE_BYTES = 16 << 20
 WINOGRAD_MIN_CHANNELS = 8
 F4_MIN_OUTPUT = 8
 F4_MIN_CHANNELS = 16
@@ -78,9 +88,11 @@ class ConvProblem:
     pads: tuple[int, ...]
     in_spatial: tuple[int, ...]
     out_spatial: tuple[int, ...]
+    #: the model's weights do not stay in cache from run to run (WEIGHT_CACHE_BYTES)
+    streamed: bool = False
 
     @classmethod
-    def of(cls, node: Node) -> "ConvProblem":
+    def of(cls, node: Node, streamed: bool = False) -> "ConvProblem":
         x, w, y = node.inputs[0].type, node.inputs[1].type, node.outputs[0].type
         rank = x.rank - 2
         # a symbolic batch is costed per image
@@ -90,7 +102,7 @@ class ConvProblem:
                    tuple(w.shape[2:]), tuple(attrs.get("strides") or [1] * rank),
                    tuple(attrs.get("dilations") or [1] * rank),
                    tuple(attrs.get("pads") or [0] * (2 * rank)), tuple(x.shape[2:]),
-                   tuple(y.shape[2:]))
+                   tuple(y.shape[2:]), streamed)
 
     @property
     def macs(self) -> int:
@@ -104,6 +116,11 @@ class ConvProblem:
     @property
     def reduction(self) -> int:
         return self.channels // self.group * math.prod(self.kernel)
+
+    def weight_cost(self, weights: int) -> float:
+        """MAC-equivalents of reading ``weights`` elements from memory (0 when they stay in
+        cache)."""
+        return WEIGHT_TRAFFIC * weights if self.streamed else 0.0
 
     def winograd_valid(self) -> bool:
         return (self.op != "ConvTranspose" and self.group == 1 and self.kernel == (3, 3)
@@ -147,7 +164,8 @@ class Candidate:
 
 
 def direct_candidate(p: ConvProblem) -> Candidate:
-    return Candidate("direct", p.macs / DIRECT_EFFICIENCY,
+    cost = p.macs / DIRECT_EFFICIENCY + p.weight_cost(p.out_channels * p.reduction)
+    return Candidate("direct", cost,
                      f"direct {count(p.macs)} MACs at {DIRECT_EFFICIENCY:g} speed")
 
 
@@ -155,7 +173,8 @@ def im2col_candidate(p: ConvProblem) -> Candidate:
     columns = p.batch * math.prod(p.out_spatial) * p.reduction
     efficiency = gemm_efficiency(p.reduction, p.out_channels // p.group,
                                  p.batch * math.prod(p.out_spatial))
-    cost = p.macs / efficiency + IM2COL_TRAFFIC * columns
+    cost = (p.macs / efficiency + IM2COL_TRAFFIC * columns
+            + p.weight_cost(p.out_channels * p.reduction))
     return Candidate("im2col_gemm", cost,
                      f"im2col {count(p.macs)} MACs at {efficiency:.2g} speed + "
                      f"{count(columns)} copied")
@@ -169,7 +188,8 @@ def winograd_candidate(p: ConvProblem, m: int) -> Candidate:
     transforms = tiles * (p.channels * input_ops + p.out_channels * output_ops)
     traffic = IM2COL_TRAFFIC * tiles * alpha ** 2 * (p.channels + p.out_channels)
     efficiency = gemm_efficiency(p.channels, p.out_channels, tiles)
-    cost = multiplies / efficiency + transforms + traffic
+    weights = p.out_channels * p.channels * alpha ** 2  # transformed: (m + 2)^2 / 9 times W
+    cost = multiplies / efficiency + transforms + traffic + p.weight_cost(weights)
     return Candidate(winograd_name(m), cost,
                      f"F({m}x{m},3x3) {count(multiplies)} multiplies "
                      f"({p.macs / multiplies:.2f}x fewer) + {count(transforms)} transform ops")
@@ -220,6 +240,9 @@ def choose(p: ConvProblem) -> tuple[str, str, dict[str, float]]:
     costs = ", ".join(f"{c.algorithm} {count(c.cost)}" for c in ranked)
     details = "; ".join(c.detail for c in candidates)
     reason = f"{p.facts()}: {details}"
+    if p.streamed:
+        reason += (f"; weights read from memory every run (the model's exceed "
+                   f"{WEIGHT_CACHE_BYTES >> 20} MiB): {WEIGHT_TRAFFIC:g} per element")
     if limit:
         reason += f"; {limit}"
     reason += f"; estimated cost (MAC-equivalents) {costs}: {best.algorithm} is cheapest"
@@ -231,10 +254,11 @@ def choose(p: ConvProblem) -> tuple[str, str, dict[str, float]]:
                "Winograd, depthwise, grouped, transposed) chosen by a cost model, and why")
 def lower_convolutions(graph: Graph) -> Graph:
     tally: dict[str, int] = {}
+    streamed = sum(v.data.nbytes for v in graph.constants.values()) > WEIGHT_CACHE_BYTES
     for node in graph.nodes:
         if node.op not in CONV_OPS:
             continue
-        problem = ConvProblem.of(node)
+        problem = ConvProblem.of(node, streamed)
         algorithm, reason, costs = choose(problem)
         node.annotations["algorithm"] = algorithm
         node.annotations["_reason"] = reason
