@@ -507,8 +507,8 @@ BATCH_BYTES = 8 << 20
 ROW_ALIGN = 16
 BLOCKS, BATCHED = 0, 1
 #: cold compile seconds of the parallel drivers (with their helpers), for backend.precompile
-COMPILE_WEIGHTS = {"_gemm_conv_blocks": 4, "_padded_columns": 2, "_image_columns": 2,
-                   "_batched_products": 4}
+COMPILE_WEIGHTS = {"_gemm_conv_blocks": 3.5, "_padded_columns": 3, "_image_columns": 1.7,
+                   "_batched_products": 2.7}
 
 
 @lru_cache(maxsize=1024)

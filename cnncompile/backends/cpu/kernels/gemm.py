@@ -17,6 +17,9 @@ from ..threads import serial_blas, threads
 from .blas import sgemm, sgemv
 from .epilogue import NONE, activation_row
 
+#: cold compile seconds of the parallel driver (with its helpers), for backend.precompile
+COMPILE_WEIGHTS = {"_gemm_columns": 1.5}
+
 #: products with fewer multiply-adds run as one task
 MIN_SPLIT_MACS = 1 << 21
 #: matrix-vector products (one row of A, memory-bound) with more weights than this are split

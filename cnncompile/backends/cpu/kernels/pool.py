@@ -23,6 +23,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+#: cold compile seconds of the parallel kernels, for backend.precompile (3 when not listed)
+COMPILE_WEIGHTS = {"max_pool": 2.2, "global_pool": 1.1}
+
 
 def spatial3(shape) -> tuple:
     """(N, C, D, H, W) for an (N, C, *spatial) shape of 1 to 3 spatial axes."""

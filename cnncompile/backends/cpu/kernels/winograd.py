@@ -42,7 +42,7 @@ from .epilogue import NONE, RELU, activation_row
 
 _EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
 #: cold compile seconds of the drivers (both tiles' transforms in each), for backend.precompile
-COMPILE_WEIGHTS = {"_winograd_inputs": 4, "_winograd_products": 7, "_winograd_bands": 10}
+COMPILE_WEIGHTS = {"_winograd_inputs": 3.8, "_winograd_products": 6.7, "_winograd_bands": 10}
 #: bytes of one band's transformed input and GEMM result (V and M): most of a core's L2
 BAND_BYTES = 3 << 19
 #: bands of fewer tiles than this make GEMMs too short: such images go whole, in image blocks
