@@ -216,6 +216,27 @@ GATHER_MAX_WIDTH = 8
 
 
 @njit(nogil=True, cache=True)
+def tap_offsets(g, depth, height, width, hp, wp):
+    """table[t * S + p] (S = depth * height * width) = the flat offset, in a plane (.., hp, wp),
+    of tap t of the window at position p = (z, y, x) of the grid: the window starts at
+    (z, y, x) * stride, its taps step by the dilation. im2col gathers through it (windows of
+    the output positions in the padded input), col2im scatters (input positions in the
+    uncropped output)."""
+    kd, kh, kw, sd, sh, sw, dd, dh, dw = g[:9]
+    taps = kd * kh * kw
+    positions = depth * height * width
+    table = np.empty(taps * positions, np.uint32)
+    for t in range(taps):
+        a, b, e = t // (kh * kw), (t // kw) % kh, t % kw
+        for z in range(depth):
+            for y in range(height):
+                for x in range(width):
+                    table[t * positions + (z * height + y) * width + x] = \
+                        ((z * sd + a * dd) * hp + y * sh + b * dh) * wp + x * sw + e * dw
+    return table
+
+
+@njit(nogil=True, cache=True)
 def im2col_image(x, xp, col, g, start):
     """col[:, start:start + S] = the im2col columns of one image x (C, D, H, W), rows
     channel-major: x is first copied into xp (C, Dp, Hp, Wp) with its pads (zeros), so that the
@@ -240,14 +261,7 @@ def im2col_image(x, xp, col, g, start):
     pitch = col.shape[1]
     out = col.reshape(-1)
     if ow < GATHER_MAX_WIDTH:
-        table = np.empty(taps * positions, np.uint32)
-        for t in range(taps):
-            a, b, e = t // (kh * kw), (t // kw) % kh, t % kw
-            for z in range(od):
-                for y in range(oh):
-                    for o in range(ow):
-                        table[t * positions + (z * oh + y) * ow + o] = \
-                            ((z * sd + a * dd) * hp + y * sh + b * dh) * wp + e * dw + o * sw
+        table = tap_offsets(g, od, oh, ow, hp, wp)
         for c in range(channels):
             src = flat[c * plane:(c + 1) * plane]
             for t in range(taps):
@@ -452,15 +466,7 @@ def col2im(cols, out, g, in_spatial, bias, start):
     pitch = cols.shape[1]
     has_bias = bias.shape[0] != 0
     narrow = width < GATHER_MAX_WIDTH
-    table = np.empty(taps * positions if narrow else 0, np.uint32)
-    if narrow:
-        for t in range(taps):
-            a, b, e = t // (kh * kw), (t // kw) % kh, t % kw
-            for z in range(depth):
-                for y in range(height):
-                    for x in range(width):
-                        table[t * positions + (z * height + y) * width + x] = \
-                            ((z * sd + a * dd) * fh + y * sh + b * dh) * fw + x * sw + e * dw
+    table = tap_offsets(g, depth, height, width, fh, fw) if narrow else np.empty(0, np.uint32)
     x_end = max(0, min(ow, fw - pw))
     for k in range(out.shape[0]):
         acc[:] = 0
