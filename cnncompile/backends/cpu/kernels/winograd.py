@@ -16,9 +16,9 @@ The transforms are serial functions; ``conv_winograd`` runs them as the tasks of
 calls (``_winograd_bands``, or ``_winograd_inputs`` then ``_winograd_products``; the GEMMs as
 blas.sgemm from inside), in one of two ways (``plan``): large images in bands of tile rows,
 each band all three steps in its thread's own L2-sized scratch (U-Net's 256x256 layers ran
-1.3-2.2x faster single-threaded than with the whole image's V and M at once); small images (14x14, 7x7) in blocks of images, step 1
-split by channels, then steps 2-3 by ranges of output channels, so that each thread reads only
-its part of U.
+1.3-2.2x faster single-threaded than with the whole image's V and M at once); small images
+(14x14, 7x7) in blocks of images, step 1 split by channels, then steps 2-3 by ranges of output
+channels, so that each thread reads only its part of U.
 
 Flat loops matter: Numba's loops over a 7..14-tile row barely vectorise, and every call that
 passes arrays to a function Numba does not inline costs reference counting; both were measured.
