@@ -21,6 +21,7 @@ compiles once for 1-D, 2-D and 3-D.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numba
 import numpy as np
@@ -76,8 +77,13 @@ MIN_TASK_CHANNELS = 4
 
 def _channel_blocks(channels: int, group: int) -> np.ndarray:
     """conv.row_blocks over the channels of each group as the kernels take them: about two
-    blocks per thread, (first, end) absolute channel numbers."""
-    return np.array(row_blocks(channels, group, threads(), 2, MIN_TASK_CHANNELS),
+    blocks per thread, (first, end) absolute channel numbers (cached: once per layer shape)."""
+    return _blocks_of(channels, group, threads())
+
+
+@lru_cache(maxsize=1024)
+def _blocks_of(channels: int, group: int, workers: int) -> np.ndarray:
+    return np.array(row_blocks(channels, group, workers, 2, MIN_TASK_CHANNELS),
                     dtype=np.int64).reshape(-1, 2)
 
 
@@ -516,10 +522,11 @@ def avg_pool_grad(dy, scale, dx, g):
                                     row[ix] += share
 
 
-def pool_grad_into(kernel, dy, other, dx, g):
-    """Run a pooling-gradient kernel on 5-D views; a strided dx gets a temporary."""
+def pool_grad_into(kernel, dy, dx, g, *inputs):
+    """Run a pooling-gradient kernel(dy, *inputs, dx, g) on 5-D views; a strided dx gets a
+    temporary."""
     target = Target(as5(dx))
-    kernel(contiguous(as5(dy)), other, target.array, g)
+    kernel(contiguous(as5(dy)), *inputs, target.array, g)
     target.done()
     return dx
 
@@ -527,14 +534,11 @@ def pool_grad_into(kernel, dy, other, dx, g):
 def max_pool_backward(dy, x, dx, g, y=None):
     """MaxPoolGrad; y: the forward's output, when the graph kept it for the gradient."""
     y5 = _EMPTY5 if y is None else contiguous(as5(y))
-    target = Target(as5(dx))
-    max_pool_grad(contiguous(as5(dy)), contiguous(as5(x)), y5, target.array, g)
-    target.done()
-    return dx
+    return pool_grad_into(max_pool_grad, dy, dx, g, contiguous(as5(x)), y5)
 
 
 def avg_pool_backward(dy, scale, dx, g):
-    return pool_grad_into(avg_pool_grad, dy, scale, dx, g)
+    return pool_grad_into(avg_pool_grad, dy, dx, g, scale)
 
 
 # ---- batch normalisation (training mode) ---------------------------------------------------------
