@@ -839,9 +839,8 @@ def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack):
             columns = group * rows_g * width if pack or a > 1 else 0
             rest = buf[slot_pad:]
             _gemm_conv_batched(x5, buf[:slot_pad], wmat, bias, out, out_pitch, res, res_pitch,
-                               rest[:columns], rest[columns:], g, pack, a,
-                               min(x5.shape[1], 2 * threads()), blocks, code, params, post_code,
-                               post_params)
+                               rest[:columns], rest[columns:], g, pack, a, 2 * threads(),
+                               blocks, code, params, post_code, post_params)
     if target is not out5:
         out5[...] = target
 
