@@ -104,19 +104,55 @@ def test_conv_grad_weight_and_input(case):
     check("ConvTranspose", {"X": dy, "W": w}, transposed)
 
 
+@pytest.mark.parametrize("plan", ["whole_batch", "per_image"])
 @pytest.mark.parametrize("case", CONVS, ids=lambda c: "x".join(map(str, c[0])) + f"_k{c[2]}")
-def test_conv_grad_weight_whole_batch_plan(case, monkeypatch):
-    """The plan for large dW (one product over the batch, in blocks of input channels) on every
-    geometry; the small cases above take the per-image plan."""
+def test_conv_grad_weight_plans(case, plan, monkeypatch):
+    """Both im2col plans on every geometry: one product over the batch in blocks of input
+    channels (large dW, or few positions an image), and per-image products summed in per-thread
+    partials."""
     from cnncompile.backends.cpu.kernels import training
 
-    monkeypatch.setattr(training, "PER_IMAGE_MAX_WEIGHTS", 0)
+    if plan == "whole_batch":
+        monkeypatch.setattr(training, "PER_IMAGE_MAX_WEIGHTS", 0)
+    else:
+        monkeypatch.setattr(training, "PER_IMAGE_MIN_POSITIONS", 0)
     shape, k_out, kernel, strides, pads, dilations, group = case
     rng = np.random.default_rng(len(shape) * 7 + k_out)
     attrs = conv_attrs(len(kernel), kernel, strides, pads, dilations, group)
     y = OPS["Conv"].infer(TensorType(np.float32, shape),
                           TensorType(np.float32, (k_out, shape[1] // group, *kernel)), **attrs)
     check("ConvGradWeight", {"X": rand(rng, *shape), "dY": rand(rng, *y.shape)}, attrs)
+
+
+# (x shape, K, pads): 3x3 stride-1 weight gradients for the Winograd F(2x2) kernel
+WINOGRAD_GRADS = [
+    ((2, 5, 9, 11), 7, (1, 1, 1, 1)),        # odd sizes: partial tiles on both edges
+    ((3, 4, 8, 8), 6, (0, 2, 1, 0)),         # asymmetric pads
+    ((2, 3, 5, 6), 2, (0, 0, 0, 0)),         # no pads: 3x4 output
+    ((1, 13, 1, 1), 11, (1, 1, 1, 1)),       # a 1x1 image, prime channel counts
+    ((5, 8, 14, 14), 8, (1, 1, 1, 1)),       # tasks spanning images
+]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_GRADS, ids=lambda c: "x".join(map(str, c[0])))
+def test_conv_grad_weight_winograd(case, monkeypatch):
+    from cnncompile.backends.cpu import grad_emitters
+    from cnncompile.backends.cpu.kernels import training
+
+    monkeypatch.setattr(grad_emitters, "WINOGRAD_GRAD_MIN_POSITIONS", 0)
+    monkeypatch.setattr(grad_emitters, "WINOGRAD_GRAD_MIN_CHANNELS", 0)
+    # small tasks, so that these maps split into several: 3 tile rows for the 14x14 case, whose
+    # tasks then start inside images and span two
+    monkeypatch.setattr(training, "WINOGRAD_GRAD_BYTES", 3 * 64 * (8 + 8) * 7)
+    shape, k_out, pads = case
+    rng = np.random.default_rng(shape[1] * 10 + k_out)
+    attrs = conv_attrs(2, (3, 3), None, pads)
+    y = OPS["Conv"].infer(TensorType(np.float32, shape),
+                          TensorType(np.float32, (k_out, shape[1], 3, 3)), **attrs)
+    inputs = {"X": rand(rng, *shape), "dY": rand(rng, *y.shape)}
+    module = _compile_graph(one_node("ConvGradWeight", inputs, attrs), "cpu", 2, False)
+    assert "conv_grad_weight_winograd(" in module.executor.source, module.executor.source
+    check("ConvGradWeight", inputs, attrs)
 
 
 def test_conv_transpose_runtime_with_bias_and_output_padding():
