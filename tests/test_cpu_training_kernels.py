@@ -237,6 +237,28 @@ def test_batchnorm_train_and_grad(shape):
           {"epsilon": 1e-5})
 
 
+@pytest.mark.parametrize("activation,at,attrs,stats", [
+    ("Relu", "Y", None, False), ("Relu", "Y", None, True), ("Sigmoid", "Y", None, False),
+    ("LeakyRelu", "X", {"alpha": 0.2}, True), ("HardSwish", "X", None, False)])
+def test_batchnorm_train_grad_through_activation(activation, at, attrs, stats):
+    """BatchNormTrainGrad with fuse_activation_grad's activation: dY first through
+    ActivationGrad(dY, V), with and without gradients of the statistics."""
+    rng = np.random.default_rng(len(activation) + stats)
+    shape = (3, 6, 5, 7)
+    x = rand(rng, *shape) * 3 + 2
+    scale = rand(rng, 6)
+    _, mean, var = OPS["BatchNormTrain"].reference(x, scale, rand(rng, 6))
+    v = rand(rng, *shape) * 4
+    if at == "Y":
+        v = OPS[activation].reference(v, **(attrs or {}))
+    grads = {"dmean": rand(rng, 6), "dvar": rand(rng, 6)} if stats else {"dmean": None,
+                                                                         "dvar": None}
+    inputs = dict({"dY": rand(rng, *shape), "X": x, "scale": scale, "mean": mean, "var": var},
+                  **grads, V=v)
+    check("BatchNormTrainGrad", inputs, {"epsilon": 1e-5, "activation": activation,
+                                         "activation_attrs": attrs, "at": at})
+
+
 @pytest.mark.parametrize("activation,at,attrs", [
     ("Relu", "Y", None), ("Relu6", "X", None), ("Clip", "X", {"min": -0.5, "max": None}),
     ("LeakyRelu", "X", {"alpha": 0.2}), ("Sigmoid", "Y", None), ("Tanh", "Y", None),

@@ -1,5 +1,6 @@
 """Fusion passes (fold_batchnorm, fold_pad, fuse_conv_activation, fuse_residual_add,
-fuse_elementwise) and the fused ops they create (FusedConv, FusedGemm, FusedElementwise).
+fuse_activation_grad, fuse_elementwise) and the fused ops they create (FusedConv, FusedGemm,
+FusedElementwise).
 
 Every handmade case runs the pass with IR verification and the per-pass numerics check, then
 compares the optimized module with onnxruntime on fresh inputs; the zoo cases check each pass
@@ -529,3 +530,48 @@ def test_zoo_opt_level_2_matches_unoptimized(name, size, kw):
         assert not {"BatchNormalization", "Relu", "Add"} & set(counts), counts
     if name == "mobilenetv2":
         assert "BatchNormalization" not in counts and "Relu6" not in counts, counts
+
+
+# ---- fuse_activation_grad ------------------------------------------------------------------------
+@pytest.mark.parametrize("activation,at", [("Relu", "Y"), ("Sigmoid", "Y")])
+def test_activation_grad_fuses_into_batchnorm_train_grad(activation, at):
+    """The gradient of BatchNorm -> activation in a training graph: ActivationGrad's only reader
+    is BatchNormTrainGrad, which takes it in (the per-pass numerics check compares the graphs on
+    random inputs); the fused graph runs on the CPU target like the reference executor."""
+    from cnncompile.autodiff.training import _compile_graph
+    from cnncompile.ir.graph import Graph, Node
+
+    rng = np.random.default_rng(14)
+    shape, float32 = (2, 3, 4, 5), np.dtype(np.float32)
+    graph = Graph("bn_act_grad")
+    names = {"dy": shape, "v": shape, "x": shape, "scale": (3,), "mean": (3,), "log_var": (3,)}
+    values = {name: graph.add_input(name, TensorType(float32, s)) for name, s in names.items()}
+    # the numerics check draws its own inputs: the variance as an Exp stays positive
+    values["var"] = graph.new_value("var", TensorType(float32, (3,)))
+    graph.add_node(Node("Exp", [values["log_var"]], [values["var"]], {}, name="exp"))
+    dact = graph.new_value("dact", TensorType(float32, shape))
+    graph.add_node(Node("ActivationGrad", [values["dy"], values["v"]], [dact],
+                        {"activation": activation, "activation_attrs": None, "at": at},
+                        name="act_grad"))
+    outs = [graph.new_value(n, TensorType(float32, s))
+            for n, s in (("dx", shape), ("dscale", (3,)), ("db", (3,)))]
+    graph.add_node(Node("BatchNormTrainGrad", [dact, values["x"], values["scale"],
+                                               values["mean"], values["var"]], outs,
+                        {"epsilon": 1e-5}, name="bn_grad"))
+    graph.outputs = outs
+    feeds = {name: rng.standard_normal(s).astype(np.float32) for name, s in names.items()}
+    manager = PassManager(passes=["fuse_activation_grad"], verify=True, check_numerics=True)
+    fused = manager.run(graph)
+    assert ops(fused) == ["Exp", "BatchNormTrainGrad"]
+    node = fused.nodes[1]
+    assert node.attrs["activation"] == activation and node.inputs[7].name == "v"
+    assert node.origins == ("act_grad", "bn_grad") and node.created_by == "fuse_activation_grad"
+    assert manager.records[0].max_rel_error <= 1e-5
+    module = _compile_graph(fused, "cpu", 0, True)
+    assert "batchnorm_train_backward(" in module.executor.source
+    got = module.run(feeds)
+    d = OPS["ActivationGrad"].reference(feeds["dy"], feeds["v"], activation, None, at)
+    want = OPS["BatchNormTrainGrad"].reference(d, feeds["x"], feeds["scale"], feeds["mean"],
+                                               np.exp(feeds["log_var"]))
+    for name, array in zip(("dx", "dscale", "db"), want):
+        assert relative_l2(got[name], array) <= 1e-5, name

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError, ModelError, ShapeError
 from ..ir.types import FLOAT_DTYPES, TensorType
-from .base import Op, register
+from .base import OPS, Op, register
 from .conv import out_spatial, require_float, spatial_rank, windows, work_dtype
 
 
@@ -111,23 +111,35 @@ class BatchNormTrainGrad(Op):
 
     With xhat = (X - mean) / sqrt(var + eps) and M elements per channel:
     dB = sum dY, dscale = sum dY * xhat, dX = scale / sqrt(var + eps) * (dY - dB / M - xhat *
-    dscale / M), plus dmean / M + dvar * 2 (X - mean) / M when the statistics get gradients."""
-    attrs = {"epsilon": 1e-5}
-    input_names = ("dY", "X", "scale", "mean", "var", "dmean", "dvar")
+    dscale / M), plus dmean / M + dvar * 2 (X - mean) / M when the statistics get gradients.
+
+    With ``activation`` (set by fuse_activation_grad), dY is first taken through that pointwise
+    op's gradient as ActivationGrad(dY, V) would (``activation_attrs``, ``at`` as there): the
+    BatchNorm -> ReLU of a training graph computes its gradients in one pass."""
+    attrs = {"epsilon": 1e-5, "activation": "", "activation_attrs": None, "at": "X"}
+    input_names = ("dY", "X", "scale", "mean", "var", "dmean", "dvar", "V")
     internal = True
 
     @staticmethod
-    def infer(dy, x, scale, mean, var, dmean=None, dvar=None, epsilon=1e-5):
+    def infer(dy, x, scale, mean, var, dmean=None, dvar=None, v=None, epsilon=1e-5,
+              activation="", activation_attrs=None, at="X"):
         require_float("BatchNormTrainGrad", x)
         if dy.shape != x.shape or dy.dtype != x.dtype:
             raise ShapeError(f"BatchNormTrainGrad: dY is {dy}, X is {x}; they must agree")
+        if activation:
+            if v is None:
+                raise ShapeError(f"BatchNormTrainGrad: activation {activation} needs its V input")
+            OPS["ActivationGrad"].infer(dy, v, activation, activation_attrs, at)
         named = {"scale": scale, "mean": mean, "var": var}
         named.update({k: t for k, t in (("dmean", dmean), ("dvar", dvar)) if t is not None})
         _check_per_channel("BatchNormTrainGrad", x, named)
         return [x, scale, scale]
 
     @staticmethod
-    def reference(dy, x, scale, mean, var, dmean=None, dvar=None, epsilon=1e-5):
+    def reference(dy, x, scale, mean, var, dmean=None, dvar=None, v=None, epsilon=1e-5,
+                  activation="", activation_attrs=None, at="X"):
+        if activation:
+            dy = OPS["ActivationGrad"].reference(dy, v, activation, activation_attrs, at)
         rank = x.ndim
         work = work_dtype(x.dtype)
         count = x.size // x.shape[1]

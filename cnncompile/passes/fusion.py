@@ -8,6 +8,8 @@
   AveragePool or MaxPool that reads it.
 * fuse_conv_activation: Conv + pointwise activation -> FusedConv, Gemm + activation -> FusedGemm.
 * fuse_residual_add: Conv / FusedConv + Add(skip) [+ activation] -> FusedConv with residual=True.
+* fuse_activation_grad: in a training graph, the gradient of BatchNorm -> activation as one
+  BatchNormTrainGrad that takes dY through the activation's gradient (ActivationGrad) itself.
 * fuse_elementwise: maximal trees of elementwise ops -> one FusedElementwise with a program.
 
 Folds and fusions reuse the output Value of the node they replace, so value names stay stable.
@@ -338,6 +340,37 @@ def _residual_rules(tally: Counter) -> list:
 def fuse_residual_add(graph: Graph) -> Graph:
     tally: Counter = Counter()
     rewrite(graph, _residual_rules(tally), created_by="fuse_residual_add")
+    if tally:
+        note(_summary(tally, "fused"))
+    return graph
+
+
+# ---- fuse_activation_grad -------------------------------------------------------------------------
+def _activation_grad_rules(tally: Counter) -> list:
+    def fuse(graph, bn, act, dy, v, **stats):
+        if bn.attrs.get("activation"):
+            return None
+        inputs = [dy] + list(bn.inputs[1:]) + [None] * (7 - len(bn.inputs)) + [v]
+        attrs = dict(bn.attrs, activation=act.attrs["activation"],
+                     activation_attrs=act.attrs.get("activation_attrs"),
+                     at=act.attrs.get("at", "X"))
+        tally[f"{act.attrs['activation']} gradient into BatchNormTrainGrad"] += 1
+        return Node("BatchNormTrainGrad", inputs, list(bn.outputs), attrs, bn.name,
+                    fused_origins(act, bn))
+
+    act = Pat("ActivationGrad", Pat(name="dy"), Pat(name="v"), name="act")
+    stats = [Pat(name=name) for name in ("x", "scale", "mean", "var")]
+    with_grads = stats + [Pat(name="dmean"), Pat(name="dvar")]
+    return [(Pat("BatchNormTrainGrad", act, *stats, name="bn"), fuse),
+            (Pat("BatchNormTrainGrad", act, *with_grads, name="bn"), fuse)]
+
+
+@register_pass("fuse_activation_grad", "ActivationGrad -> BatchNormTrainGrad (a training graph's "
+               "BatchNorm + activation) -> one BatchNormTrainGrad that takes dY through the "
+               "activation's gradient")
+def fuse_activation_grad(graph: Graph) -> Graph:
+    tally: Counter = Counter()
+    rewrite(graph, _activation_grad_rules(tally), created_by="fuse_activation_grad")
     if tally:
         note(_summary(tally, "fused"))
     return graph

@@ -47,7 +47,7 @@ def register_pass(name: str, description: str):
 CLEANUP = ["remove_identity", "fold_constants", "canonicalize", "cancel_transposes",
            "eliminate_common_subexpressions", "eliminate_dead_code"]
 OPTIMIZE = ["fold_batchnorm", "fold_pad", "fuse_conv_activation", "fuse_residual_add",
-            "fuse_elementwise", "eliminate_dead_code", "choose_layout", "lower_convolutions",
+            "fuse_activation_grad", "fuse_elementwise", "eliminate_dead_code", "choose_layout", "lower_convolutions",
             "elide_concat", "plan_memory"]
 PIPELINES: dict[int, list[str]] = {
     0: [],

@@ -210,11 +210,18 @@ def emit_batch_norm_train(node: Node, cg: Codegen):
 def emit_batch_norm_train_grad(node: Node, cg: Codegen):
     if len(node.outputs) != 3 or not _float32_static(node.inputs + node.outputs):
         return False
-    inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
-    args = ", ".join(cg.arg(v) for v in inputs)
+    inputs = (list(node.inputs) + [None] * (8 - len(node.inputs)))[:8]
+    args = ", ".join(cg.arg(v) for v in inputs[:7])
     dests = ", ".join(cg.dest(v) for v in node.outputs)
+    through = ""
+    if node.attrs.get("activation"):
+        grad = _activation_code(node.attrs["activation"], node.attrs.get("activation_attrs"))
+        if grad is None or not _float32_static([inputs[7]]):
+            return False
+        code, p0, p1 = grad
+        through = f", {cg.arg(inputs[7])}, {code}, {literal(p0)}, {literal(p1)}"
     call = cg.kernel(KERNELS, "batchnorm_train_backward")
-    cg.line(f"{call}({args}, {dests}, {literal(float(node.attrs['epsilon']))})")
+    cg.line(f"{call}({args}, {dests}, {literal(float(node.attrs['epsilon']))}{through})")
     return None
 
 
@@ -231,18 +238,26 @@ ACTIVATION_GRADS = {
 }
 
 
+def _activation_code(activation: str, given: dict | None) -> tuple | None:
+    """(code, p0, p1) of an activation's gradient for the training kernels; None: no kernel."""
+    if activation not in ACTIVATION_GRADS:
+        return None
+    code, names = ACTIVATION_GRADS[activation]
+    given = given or {}
+    params = [float(default if given.get(k) is None else given[k]) for k, default in names]
+    params += [0.0] * (2 - len(params))
+    return code, params[0], params[1]
+
+
 @emits("ActivationGrad")
 def emit_activation_grad(node: Node, cg: Codegen):
     dy, v = node.inputs
     dx = node.outputs[0]
-    activation = node.attrs["activation"]
-    if activation not in ACTIVATION_GRADS or not _float32_static([dy, v, dx]):
+    grad = _activation_code(node.attrs["activation"], node.attrs.get("activation_attrs"))
+    if grad is None or not _float32_static([dy, v, dx]):
         return False
-    code, names = ACTIVATION_GRADS[activation]
-    given = node.attrs.get("activation_attrs") or {}
-    params = [float(default if given.get(k) is None else given[k]) for k, default in names]
-    params += [0.0] * (2 - len(params))
+    code, p0, p1 = grad
     call = cg.kernel(KERNELS, "activation_backward")
-    cg.line(f"{call}({cg.arg(dy)}, {cg.arg(v)}, {cg.dest(dx)}, {code}, {literal(params[0])}, "
-            f"{literal(params[1])})")
+    cg.line(f"{call}({cg.arg(dy)}, {cg.arg(v)}, {cg.dest(dx)}, {code}, {literal(p0)}, "
+            f"{literal(p1)})")
     return None

@@ -737,48 +737,76 @@ def batchnorm_train(x, scale, bias, y, mean, var, epsilon):
         var[c] = sigma2
 
 
-@njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
-def batchnorm_train_grad(dy, x, scale, mean, var, dmean, dvar, dx, dscale, dbias, epsilon):
-    """BatchNormTrainGrad per channel of (N, C, S) arrays: dB = sum dY, dscale = sum dY * xhat,
-    dX = dY * gain + (x - mean) * k + c (see the op); dmean / dvar of size 0 mean none."""
-    n_batch, channels, positions = x.shape
+@njit(nogil=True, cache=True, fastmath=REDUCE_MATH)
+def _batchnorm_grad_channel(d, dc, x, c, scale, mean, var, dmean, dvar, dx, dscale, dbias,
+                            epsilon):
+    """batchnorm_train_grad of channel c, its dY the planes d[:, dc] (dY's own, or the rows
+    taken through an activation's gradient); a function of its own, so that each form compiles
+    with its own array layouts and the loops stay vectorised."""
+    n_batch, positions = x.shape[0], x.shape[2]
     count = n_batch * positions
-    has_dmean = dmean.shape[0] != 0
-    has_dvar = dvar.shape[0] != 0
+    mu = np.float32(mean[c])
+    total = 0.0
+    cross = 0.0
+    for n in range(n_batch):
+        d_row = d[n, dc]
+        x_row = x[n, c]
+        part = np.float32(0)
+        part_cross = np.float32(0)
+        for i in range(positions):
+            part += d_row[i]
+            part_cross += d_row[i] * (x_row[i] - mu)
+        total += part
+        cross += part_cross
+    inv_std = 1.0 / math.sqrt(var[c] + epsilon)
+    gain = scale[c] * inv_std
+    k = -gain * cross * inv_std * inv_std / count
+    shift = -gain * total / count
+    if dmean.shape[0] != 0:
+        shift += dmean[c] / count
+    if dvar.shape[0] != 0:
+        k += 2.0 * dvar[c] / count
+    g32, k32, c32 = np.float32(gain), np.float32(k), np.float32(shift)
+    for n in range(n_batch):
+        d_row = d[n, dc]
+        x_row = x[n, c]
+        dst = dx[n, c]
+        for i in range(positions):
+            dst[i] = d_row[i] * g32 + (x_row[i] - mu) * k32 + c32
+    dscale[c] = cross * inv_std
+    dbias[c] = total
+
+
+@njit(parallel=True, cache=True)
+def batchnorm_train_grad(dy, x, scale, mean, var, dmean, dvar, dx, dscale, dbias, epsilon, v,
+                         code, p0, p1):
+    """BatchNormTrainGrad per channel of (N, C, S) arrays: dB = sum dY, dscale = sum dY * xhat,
+    dX = dY * gain + (x - mean) * k + c (see the op); dmean / dvar of size 0 mean none. With an
+    activation ``code`` (not NO_ACTIVATION), dY is first the gradient through it, dY * f'(v),
+    into a per-channel buffer that stays in cache: the activation's gradient is not written out
+    and read back (fuse_activation_grad)."""
+    n_batch, channels, positions = x.shape
+    a, b = np.float32(p0), np.float32(p1)
     for c in prange(channels):
-        mu = np.float32(mean[c])
-        total = 0.0
-        cross = 0.0
-        for n in range(n_batch):
-            d_row = dy[n, c]
-            x_row = x[n, c]
-            part = np.float32(0)
-            part_cross = np.float32(0)
-            for i in range(positions):
-                part += d_row[i]
-                part_cross += d_row[i] * (x_row[i] - mu)
-            total += part
-            cross += part_cross
-        inv_std = 1.0 / math.sqrt(var[c] + epsilon)
-        gain = scale[c] * inv_std
-        k = -gain * cross * inv_std * inv_std / count
-        shift = -gain * total / count
-        if has_dmean:
-            shift += dmean[c] / count
-        if has_dvar:
-            k += 2.0 * dvar[c] / count
-        g32, k32, c32 = np.float32(gain), np.float32(k), np.float32(shift)
-        for n in range(n_batch):
-            d_row = dy[n, c]
-            x_row = x[n, c]
-            dst = dx[n, c]
-            for i in range(positions):
-                dst[i] = d_row[i] * g32 + (x_row[i] - mu) * k32 + c32
-        dscale[c] = cross * inv_std
-        dbias[c] = total
+        if code == NO_ACTIVATION:
+            _batchnorm_grad_channel(dy, c, x, c, scale, mean, var, dmean, dvar, dx, dscale,
+                                    dbias, epsilon)
+        else:
+            rows = np.empty((n_batch, 1, positions), np.float32)
+            for n in range(n_batch):
+                d_row, v_row, dst = dy[n, c], v[n, c], rows[n, 0]
+                if code == RELU:
+                    for i in range(positions):
+                        dst[i] = d_row[i] if v_row[i] > 0 else np.float32(0)
+                else:
+                    for i in range(positions):
+                        dst[i] = d_row[i] * _slope(v_row[i], code, a, b)
+            _batchnorm_grad_channel(rows, 0, x, c, scale, mean, var, dmean, dvar, dx, dscale,
+                                    dbias, epsilon)
 
 
 _NO_STATS = np.zeros(0, dtype=np.float32)
+_NO_PLANES = np.zeros((0, 0, 0), dtype=np.float32)
 
 
 def batchnorm_train_forward(x, scale, bias, y, mean, var, epsilon):
@@ -786,16 +814,21 @@ def batchnorm_train_forward(x, scale, bias, y, mean, var, epsilon):
     return y
 
 
-def batchnorm_train_backward(dy, x, scale, mean, var, dmean, dvar, dx, dscale, dbias, epsilon):
+def batchnorm_train_backward(dy, x, scale, mean, var, dmean, dvar, dx, dscale, dbias, epsilon,
+                             v=None, code=-1, p0=0.0, p1=0.0):
+    """BatchNormTrainGrad; with ``v`` and an activation code (ACTIVATION_GRADS), of dY taken
+    through that activation's gradient first."""
     batchnorm_train_grad(planes(dy), planes(x), scale, mean, var,
                          _NO_STATS if dmean is None else dmean,
                          _NO_STATS if dvar is None else dvar,
-                         out_planes(dx), dscale, dbias, epsilon)
+                         out_planes(dx), dscale, dbias, epsilon,
+                         _NO_PLANES if v is None else planes(v), code, p0, p1)
     return dx
 
 
 # ---- activation gradients ------------------------------------------------------------------------
 RELU, RELU6, CLIP, LEAKY_RELU, SIGMOID, TANH, ELU, HARD_SWISH, SILU, HARD_SIGMOID = range(10)
+NO_ACTIVATION = -1
 
 
 @njit(inline="always", cache=True)
