@@ -134,15 +134,16 @@ WINOGRAD_GRADS = [
 ]
 
 
+@pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("case", WINOGRAD_GRADS, ids=lambda c: "x".join(map(str, c[0])))
-def test_conv_grad_weight_winograd(case, monkeypatch):
+def test_conv_grad_weight_winograd(case, m, monkeypatch):
     from cnncompile.backends.cpu import grad_emitters
     from cnncompile.backends.cpu.kernels import training
 
-    monkeypatch.setattr(grad_emitters, "WINOGRAD_GRAD_MIN_POSITIONS", 0)
-    monkeypatch.setattr(grad_emitters, "WINOGRAD_GRAD_MIN_CHANNELS", 0)
-    # small tasks, so that these maps split into several: 3 tile rows for the 14x14 case, whose
-    # tasks then start inside images and span two
+    monkeypatch.setattr(grad_emitters, "WINOGRAD_GRAD_F2_POSITIONS", 0 if m == 2 else 1 << 30)
+    monkeypatch.setattr(grad_emitters, "WINOGRAD_GRAD_F4_POSITIONS", 0 if m == 4 else 1 << 30)
+    # small tasks, so that these maps split into several: for F(2x2), 3 tile rows of the 14x14
+    # case, whose tasks then start inside images and span two
     monkeypatch.setattr(training, "WINOGRAD_GRAD_BYTES", 3 * 64 * (8 + 8) * 7)
     shape, k_out, pads = case
     rng = np.random.default_rng(shape[1] * 10 + k_out)
@@ -151,7 +152,8 @@ def test_conv_grad_weight_winograd(case, monkeypatch):
                           TensorType(np.float32, (k_out, shape[1], 3, 3)), **attrs)
     inputs = {"X": rand(rng, *shape), "dY": rand(rng, *y.shape)}
     module = _compile_graph(one_node("ConvGradWeight", inputs, attrs), "cpu", 2, False)
-    assert "conv_grad_weight_winograd(" in module.executor.source, module.executor.source
+    assert f"k_conv_grad_weight_winograd(X, dY, out0, conv_scratch, {m}, " in \
+        module.executor.source, module.executor.source
     check("ConvGradWeight", inputs, attrs)
 
 

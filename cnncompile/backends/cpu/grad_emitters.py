@@ -32,12 +32,15 @@ FLOAT32 = np.dtype(np.float32)
 #: batch-8 weight gradients by up to 1.4e-2 (relative L2; near-ties downstream amplify it),
 #: F(2x2)'s by 3e-6, as PyTorch's own convolutions do.
 WINOGRAD_MIN_POSITIONS = 14 * 14
-#: Weight gradients by Winograd F(2x2) (conv_grad_weight_winograd) on maps of at least 14x14 with
-#: at least 128 channels in and out. ResNet-18's layers at batch 8, in the training step (ms,
-#: Winograd / im2col): 128ch 14x14 1.7 / 2.6; 64ch 28x28 2.2-2.7 / 2.3, whose 64 x 64 products
-#: are too small for BLAS to outweigh the transforms; 256ch 7x7, alone, 2.6 / 1.9.
-WINOGRAD_GRAD_MIN_POSITIONS = 14 * 14
-WINOGRAD_GRAD_MIN_CHANNELS = 128
+#: Weight gradients of 3x3 stride-1 convs by Winograd (conv_grad_weight_winograd): F(4x4) on
+#: maps of 28x28 or more, F(2x2) on 14x14 or more, else im2col. Alone, at batch 8 (ms, F(2x2) /
+#: F(4x4) / im2col): 64ch 28x28 2.1 / 1.6 / 2.3; 128ch 28x28 6.0 / 4.9 / 8.0; 128ch 14x14
+#: 1.6 / 2.2 / 2.5; 256ch 14x14 5.7 / 7.5 / 7.3; 64ch 14x14 0.61 / 0.76 / 0.80; 256ch 7x7
+#: 2.5 / 3.5 / 1.9; 512ch 4x4 5.1 / 16 / 2.3. Smaller maps have too few tiles for the
+#: alpha^2 K x C partial sums their products make. dW is no input of later work, so F(4x4)'s
+#: larger rounding (1e-6 relative) is not amplified as in a forward conv.
+WINOGRAD_GRAD_F2_POSITIONS = 14 * 14
+WINOGRAD_GRAD_F4_POSITIONS = 28 * 28
 
 
 def _float32_static(values) -> bool:
@@ -129,14 +132,17 @@ def _emit_runtime_transposed(node: Node, cg: Codegen, bias: str, g: tuple) -> No
     return None
 
 
-def _winograd_grad(attrs: dict, x_shape, dy_shape) -> bool:
-    """Whether a weight gradient runs as Winograd F(2x2,3x3) (conv_grad_weight_winograd)."""
+def _winograd_grad_tile(attrs: dict, dy_shape) -> int:
+    """m of the Winograd F(m x m, 3x3) that runs a weight gradient; 0: im2col."""
     ones = [1, 1]
-    return (len(dy_shape) == 4 and list(attrs["kernel_shape"]) == [3, 3]
-            and min(x_shape[1], dy_shape[1]) >= WINOGRAD_GRAD_MIN_CHANNELS
-            and list(attrs.get("strides") or ones) == ones
-            and list(attrs.get("dilations") or ones) == ones and attrs["group"] == 1
-            and dy_shape[2] * dy_shape[3] >= WINOGRAD_GRAD_MIN_POSITIONS)
+    if (len(dy_shape) != 4 or list(attrs["kernel_shape"]) != [3, 3]
+            or list(attrs.get("strides") or ones) != ones
+            or list(attrs.get("dilations") or ones) != ones or attrs["group"] != 1):
+        return 0
+    positions = dy_shape[2] * dy_shape[3]
+    if positions >= WINOGRAD_GRAD_F4_POSITIONS:
+        return 4
+    return 2 if positions >= WINOGRAD_GRAD_F2_POSITIONS else 0
 
 
 @emits("ConvGradWeight")
@@ -146,11 +152,12 @@ def emit_conv_grad_weight(node: Node, cg: Codegen):
     if not _float32_static([x, dy, out]):
         return False
     attrs = node.attrs
-    if _winograd_grad(attrs, x.type.shape, dy.type.shape):
+    m = _winograd_grad_tile(attrs, dy.type.shape)
+    if m:
         n_batch, channels, k_out = x.type.shape[0], x.type.shape[1], dy.type.shape[1]
-        size = training.winograd_grad_plan(n_batch, channels, k_out, *dy.type.shape[2:], 1)[2]
+        size = training.winograd_grad_plan(n_batch, channels, k_out, *dy.type.shape[2:], m, 1)[2]
         call = cg.kernel(KERNELS, "conv_grad_weight_winograd")
-        cg.line(f"{call}({cg.arg(x)}, {cg.arg(dy)}, {cg.dest(out)}, {workspace(cg, size)}, "
+        cg.line(f"{call}({cg.arg(x)}, {cg.arg(dy)}, {cg.dest(out)}, {workspace(cg, size)}, {m}, "
                 f"{tuple(attrs.get('pads') or (0, 0, 0, 0))!r})")
         return None
     g = _geometry(attrs, dy.type.shape[2:])

@@ -32,7 +32,7 @@ from .conv import (_EMPTY5, _gemm_conv, _valid_range, col2im, im2col_image, padd
                    row_blocks, serial_blas, threads)
 from .conv import scratch_size as conv_scratch_size
 from .pool import REDUCE_MATH
-from .winograd import conv_winograd, input_f2
+from .winograd import conv_winograd, input_f2, input_f4
 from .winograd import scratch_size as winograd_scratch
 
 NO_ACT = (0, 0.0, 0.0)
@@ -325,39 +325,68 @@ def _grad_weight_images(x5, dy5, xp_buf, col_buf, partial, dw, g):
             row[j] = total
 
 
-# Winograd F(2x2,3x3) weight gradient. The forward is Y_t = A^T [U * V_t] A per 2x2 output tile t
-# (U = G w G^T, V_t = B^T d_t B), so dL/dU = sum_t (A dY_t A^T) * V_t and dW = G^T (dL/dU) G:
-# 16 products of K x C over the tiles instead of 36 multiply-adds per tile and filter pair.
+# Winograd weight gradient, F(2x2,3x3) or F(4x4,3x3). The forward is Y_t = A^T [U * V_t] A per
+# m x m output tile t (U = G w G^T, V_t = B^T d_t B), so dL/dU = sum_t (A dY_t A^T) * V_t and
+# dW = G^T (dL/dU) G: alpha^2 products of K x C over the tiles, 16 for F(2x2), 36 for F(4x4),
+# instead of 9 m^2 multiply-adds per tile and filter pair. Only dW carries the rounding: no
+# forward value depends on it, so F(4x4)'s ~5x larger error is not amplified downstream.
 @njit(inline="always", cache=True)
-def _tile_rows(z, at, k, t0, top, bottom, sign_top, sign_bottom):
-    """z[at + j, k, t0 + tx], j = 0..3: one row of A dY_t (sign_top dY's top row + sign_bottom its
-    bottom row, per tile), times A^T. Four output streams at a time: the planes of z lie a
-    multiple of 4 KiB apart for some shapes, and sixteen such streams thrash L1 (28x28 64-channel
-    maps: 2.4 ms against 0.2)."""
+def _tile_rows_f2(z, at, k, t0, rows, c0, c1):
+    """z[at + j, k, t0 + tx], j = 0..3: one row of A dY_t (c0 dY's top row + c1 its bottom
+    row, per tile), times A^T (A = [[1, 0], [1, 1], [1, -1], [0, -1]]). Few output streams at a
+    time: the planes of z lie a multiple of 4 KiB apart for some shapes, and sixteen such
+    streams thrash L1 (28x28 64-channel maps: 2.4 ms against 0.2)."""
     z0, z1, z2, z3 = z[at, k], z[at + 1, k], z[at + 2, k], z[at + 3, k]
+    top, bottom = rows[0], rows[1]
     for tx in range(top.shape[0] // 2):
-        p = sign_top * top[2 * tx] + sign_bottom * bottom[2 * tx]
-        q = sign_top * top[2 * tx + 1] + sign_bottom * bottom[2 * tx + 1]
+        p = c0 * top[2 * tx] + c1 * bottom[2 * tx]
+        q = c0 * top[2 * tx + 1] + c1 * bottom[2 * tx + 1]
         z0[t0 + tx] = p
         z1[t0 + tx] = p + q
         z2[t0 + tx] = p - q
         z3[t0 + tx] = -q
 
 
+@njit(inline="always", cache=True)
+def _tile_rows_f4(z, at, k, t0, rows, c0, c1, c2, c3):
+    """_tile_rows_f2 for F(4x4): the row sum_a c_a dY_a of A dY_t, times A^T, whose rows are
+    [1, 0, 0, 0], [1, 1, 1, 1], [1, -1, 1, -1], [1, 2, 4, 8], [1, -2, 4, -8], [0, 0, 0, 1]."""
+    z0, z1, z2 = z[at, k], z[at + 1, k], z[at + 2, k]
+    z3, z4, z5 = z[at + 3, k], z[at + 4, k], z[at + 5, k]
+    r0, r1, r2, r3 = rows[0], rows[1], rows[2], rows[3]
+    two, four, eight = np.float32(2), np.float32(4), np.float32(8)
+    for tx in range(r0.shape[0] // 4):
+        q = 4 * tx
+        p0 = c0 * r0[q] + c1 * r1[q] + c2 * r2[q] + c3 * r3[q]
+        p1 = c0 * r0[q + 1] + c1 * r1[q + 1] + c2 * r2[q + 1] + c3 * r3[q + 1]
+        p2 = c0 * r0[q + 2] + c1 * r1[q + 2] + c2 * r2[q + 2] + c3 * r3[q + 2]
+        p3 = c0 * r0[q + 3] + c1 * r1[q + 3] + c2 * r2[q + 3] + c3 * r3[q + 3]
+        even, odd = p0 + p2, p1 + p3
+        even4, odd4 = p0 + four * p2, two * p1 + eight * p3
+        z0[t0 + tx] = p0
+        z1[t0 + tx] = even + odd
+        z2[t0 + tx] = even - odd
+        z3[t0 + tx] = even4 + odd4
+        z4[t0 + tx] = even4 - odd4
+        z5[t0 + tx] = p3
+
+
 @njit(nogil=True, cache=True)
-def grad_output_f2(dy, z, n, ty0, ty1, t0):
-    """Z[16, k, t0 + tiles] = A dY_t A^T for the 2x2 tiles of dy[n] (K, OH, OW) in tile rows
-    [ty0, ty1), zeros past the map's edges. Index 4 i + j as winograd.input_f2's V."""
+def grad_output(dy, z, n, ty0, ty1, t0, m):
+    """Z[alpha^2, k, t0 + tiles] = A dY_t A^T for the m x m tiles of dy[n] (K, OH, OW) in tile
+    rows [ty0, ty1), zeros past the map's edges; index alpha i + j as winograd.input_f2 / f4's
+    V."""
     k_out, out_h, out_w = dy.shape[1], dy.shape[2], dy.shape[3]
-    tw = (out_w + 1) // 2
-    rows = np.zeros((2, 2 * tw), np.float32)
+    tw = (out_w + m - 1) // m
+    rows = np.zeros((m, m * tw), np.float32)
     one, zero = np.float32(1), np.float32(0)
+    two, four, eight = np.float32(2), np.float32(4), np.float32(8)
     for k in range(k_out):
         plane = dy[n, k]
         t = t0
         for ty in range(ty0, ty1):
-            for r in range(2):
-                y = 2 * ty + r
+            for r in range(m):
+                y = m * ty + r
                 dst = rows[r]
                 if y < out_h:
                     src = plane[y]
@@ -366,24 +395,31 @@ def grad_output_f2(dy, z, n, ty0, ty1, t0):
                 else:
                     for i in range(out_w):
                         dst[i] = 0
-            # A = [[1, 0], [1, 1], [1, -1], [0, -1]]
-            _tile_rows(z, 0, k, t, rows[0], rows[1], one, zero)
-            _tile_rows(z, 4, k, t, rows[0], rows[1], one, one)
-            _tile_rows(z, 8, k, t, rows[0], rows[1], one, -one)
-            _tile_rows(z, 12, k, t, rows[0], rows[1], zero, -one)
+            if m == 2:
+                _tile_rows_f2(z, 0, k, t, rows, one, zero)
+                _tile_rows_f2(z, 4, k, t, rows, one, one)
+                _tile_rows_f2(z, 8, k, t, rows, one, -one)
+                _tile_rows_f2(z, 12, k, t, rows, zero, -one)
+            else:
+                _tile_rows_f4(z, 0, k, t, rows, one, zero, zero, zero)
+                _tile_rows_f4(z, 6, k, t, rows, one, one, one, one)
+                _tile_rows_f4(z, 12, k, t, rows, one, -one, one, -one)
+                _tile_rows_f4(z, 18, k, t, rows, one, two, four, eight)
+                _tile_rows_f4(z, 24, k, t, rows, one, -two, four, -eight)
+                _tile_rows_f4(z, 30, k, t, rows, zero, zero, zero, one)
             t += tw
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def _grad_weight_winograd(x, dy, vbuf, zbuf, partial, gg, dw, rows_per_task, top, left):
+def _grad_weight_winograd(x, dy, vbuf, zbuf, partial, gg, dw, m, rows_per_task, top, left):
     """conv_grad_weight's Winograd plan: a task per range of tile rows of the batch (images
-    side by side; ``rows_per_task``, about an L2 of V and Z): V and Z of its tiles, then the 16
-    products Z[p] V[p]^T added into its thread's partial (slot, 16, K, C); then dW (K * C, 9) =
-    the partials' sum through G^T . G, i.e. (G kron G)^T (gg)."""
+    side by side; ``rows_per_task``, about an L2 of V and Z): V and Z of its tiles, then the
+    alpha^2 products Z[p] V[p]^T added into its thread's partial (slot, alpha^2, K, C); then
+    dW (K * C, 9) = the partials' sum through G^T . G, i.e. (G kron G)^T (gg)."""
     n_batch, channels = x.shape[0], x.shape[1]
     k_out, out_h, out_w = dy.shape[1], dy.shape[2], dy.shape[3]
-    th, tw = (out_h + 1) // 2, (out_w + 1) // 2
-    slots = partial.shape[0]
+    th, tw = (out_h + m - 1) // m, (out_w + m - 1) // m
+    slots, alpha2 = partial.shape[0], partial.shape[1]
     capacity = vbuf.shape[3]
     total_rows = n_batch * th
     tasks = (total_rows + rows_per_task - 1) // rows_per_task
@@ -395,24 +431,26 @@ def _grad_weight_winograd(x, dy, vbuf, zbuf, partial, gg, dw, rows_per_task, top
         while r < r1:
             n, ty0 = r // th, r % th
             ty1 = min(th, ty0 + r1 - r)
-            input_f2(x[n:n + 1], v, ty1 - ty0, tw, top - 2 * ty0, left, 0, t0)
-            grad_output_f2(dy, z, n, ty0, ty1, t0)
+            if m == 4:
+                input_f4(x[n:n + 1], v, ty1 - ty0, tw, top - 4 * ty0, left, 0, t0)
+            else:
+                input_f2(x[n:n + 1], v, ty1 - ty0, tw, top - 2 * ty0, left, 0, t0)
+            grad_output(dy, z, n, ty0, ty1, t0, m)
             t0 += (ty1 - ty0) * tw
             r += ty1 - ty0
-        for p in range(16):
+        for p in range(alpha2):
             sgemm(0, 1, k_out, channels, t0, z, p * k_out * capacity, capacity, v,
                   p * channels * capacity, capacity, 1.0, partial,
-                  (slot * 16 + p) * k_out * channels, channels)
+                  (slot * alpha2 + p) * k_out * channels, channels)
     pairs = k_out * channels
     flat = dw.reshape((pairs, 9))
-    sums = partial.reshape((slots, 16, pairs))
+    sums = partial.reshape((slots, alpha2, pairs))
     chunks = (pairs + GRAD_CHUNK - 1) // GRAD_CHUNK
     for chunk in prange(chunks):
         a, b = chunk * GRAD_CHUNK, min(pairs, (chunk + 1) * GRAD_CHUNK)
-        m = np.empty((16, b - a), np.float32)
+        row = np.empty(b - a, np.float32)
         out = np.zeros((9, b - a), np.float32)
-        for p in range(16):
-            row = m[p]
+        for p in range(alpha2):
             row[:] = sums[0, p, a:b]
             for s in range(1, slots):
                 part = sums[s, p, a:b]
@@ -431,15 +469,18 @@ def _grad_weight_winograd(x, dy, vbuf, zbuf, partial, gg, dw, rows_per_task, top
 
 #: pairs of channels per task of _grad_weight_winograd's final sum
 GRAD_CHUNK = 1024
-#: bytes of one Winograd weight-gradient task's V and Z (16 (C + K) floats a tile): half a core's L2
+#: bytes of one Winograd weight-gradient task's V and Z (alpha^2 (C + K) floats a tile): half a
+#: core's L2
 WINOGRAD_GRAD_BYTES = 1 << 20
 
 
-def winograd_grad_plan(n_batch, channels, k_out, out_h, out_w, workers) -> tuple[int, int, int]:
-    """(tile rows per task, tiles per task, float32 scratch) of _grad_weight_winograd: tasks of
-    about WINOGRAD_GRAD_BYTES, as many as a multiple of the workers."""
-    th, tw = (out_h + 1) // 2, (out_w + 1) // 2
-    rows = max(1, WINOGRAD_GRAD_BYTES // (64 * (channels + k_out) * tw))
+def winograd_grad_plan(n_batch, channels, k_out, out_h, out_w, m,
+                       workers) -> tuple[int, int, int]:
+    """(tile rows per task, tiles per task, float32 scratch) of _grad_weight_winograd with
+    F(m x m, 3x3): tasks of about WINOGRAD_GRAD_BYTES, as many as a multiple of the workers."""
+    alpha2 = (m + 2) ** 2
+    th, tw = -(-out_h // m), -(-out_w // m)
+    rows = max(1, WINOGRAD_GRAD_BYTES // (4 * alpha2 * (channels + k_out) * tw))
     total = n_batch * th
     tasks = -(-total // rows)
     tasks = -(-tasks // workers) * workers
@@ -448,27 +489,27 @@ def winograd_grad_plan(n_batch, channels, k_out, out_h, out_w, workers) -> tuple
     # an odd capacity keeps the planes of V and Z from lying a multiple of 4 KiB apart, where
     # their write streams evict each other from L1 (64-channel 28x28 maps: Z 0.42 -> 0.29 ms)
     capacity = rows * tw | 1
-    return rows, capacity, slots * 16 * ((channels + k_out) * capacity + k_out * channels)
+    return rows, capacity, slots * alpha2 * ((channels + k_out) * capacity + k_out * channels)
 
 
-def conv_grad_weight_winograd(x, dy, out, ws, pads):
-    """ConvGradWeight of a 2-D 3x3 stride-1 group-1 Conv by Winograd F(2x2,3x3)
+def conv_grad_weight_winograd(x, dy, out, ws, m, pads):
+    """ConvGradWeight of a 2-D 3x3 stride-1 group-1 Conv by Winograd F(m x m, 3x3)
     (_grad_weight_winograd); pads (top, left, ...) as ONNX orders them."""
     x, dy = contiguous(x), contiguous(dy)
     n_batch, channels = x.shape[:2]
     k_out, out_h, out_w = dy.shape[1:]
-    rows, capacity, _ = winograd_grad_plan(n_batch, channels, k_out, out_h, out_w, threads())
-    slots = numba.config.NUMBA_NUM_THREADS
-    size_v, size_z = slots * 16 * channels * capacity, slots * 16 * k_out * capacity
-    vbuf = ws[:size_v].reshape(slots, 16, channels, capacity)
-    zbuf = ws[size_v:size_v + size_z].reshape(slots, 16, k_out, capacity)
-    partial = ws[size_v + size_z:size_v + size_z + slots * 16 * k_out * channels].reshape(
-        slots, 16, k_out, channels)
+    rows, capacity, _ = winograd_grad_plan(n_batch, channels, k_out, out_h, out_w, m, threads())
+    slots, alpha2 = numba.config.NUMBA_NUM_THREADS, (m + 2) ** 2
+    size_v, size_z = slots * alpha2 * channels * capacity, slots * alpha2 * k_out * capacity
+    vbuf = ws[:size_v].reshape(slots, alpha2, channels, capacity)
+    zbuf = ws[size_v:size_v + size_z].reshape(slots, alpha2, k_out, capacity)
+    partial = ws[size_v + size_z:size_v + size_z + slots * alpha2 * k_out * channels].reshape(
+        slots, alpha2, k_out, channels)
     partial[:] = 0
     target = Target(out)
     with serial_blas():
-        _grad_weight_winograd(x, dy, vbuf, zbuf, partial, _F2_GG, target.array, rows, pads[0],
-                              pads[1])
+        _grad_weight_winograd(x, dy, vbuf, zbuf, partial, _F4_GG if m == 4 else _F2_GG,
+                              target.array, m, rows, pads[0], pads[1])
     target.done()
     return out
 
