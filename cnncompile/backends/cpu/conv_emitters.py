@@ -20,6 +20,7 @@ from .emitters import emits, literal
 from .kernels.conv import geometry, scratch_size
 from .kernels.epilogue import UnsupportedActivation, activation_code
 from .kernels import winograd
+from .kernels.microkernel import pack_weights
 from .kernels.misc import PARALLEL_MIN_WORK
 
 KERNELS = "cnncompile.backends.cpu.kernels.conv"
@@ -79,6 +80,18 @@ def choose_algorithm(node: Node, channels: int, k_out: int) -> str:
     return "im2col_gemm"
 
 
+#: GEMM convolutions run microkernel.gemm_packed on weights packed at compile time; False: the
+#: unpacked weights through OpenBLAS (to compare the two)
+PACKED_GEMM = True
+
+
+def _gemm_weights(cg: Codegen, wmat: np.ndarray, name: str) -> tuple[str, str]:
+    """(the wmat argument, the ``, packed=...`` keyword) of a GEMM convolution's call."""
+    if PACKED_GEMM:
+        return "None", f", packed={cg.constant(pack_weights(wmat), name + '_packed')}"
+    return cg.constant(wmat, name), ""
+
+
 @emits("Conv", "FusedConv", "ConvTranspose")
 def emit_conv(node: Node, cg: Codegen):
     x, w = node.inputs[0], node.inputs[1]
@@ -112,11 +125,12 @@ def emit_conv(node: Node, cg: Codegen):
     args = f"{cg.arg(x)}, {{w}}, {bias}, {cg.dest(y)}"
     group = attrs["group"]
     if algorithm == "gemm_1x1":
-        wmat = cg.constant(weights.reshape(k_out, channels), f"{node.name}_w1x1")
+        wmat, packed = _gemm_weights(cg, weights.reshape(1, k_out, channels),
+                                     f"{node.name}_w1x1")
         size = scratch_size("gemm_1x1", x.type.shape, weights.shape, g)
         ws = f", ws={workspace(cg, size)}" if size else ""  # only small images need scratch
         call = cg.kernel(KERNELS, "conv_gemm_1x1")
-        cg.line(f"{call}({args.format(w=wmat)}, {epilogue}{ws})")
+        cg.line(f"{call}({args.format(w=wmat)}, {epilogue}{ws}{packed})")
     elif algorithm in WINOGRAD_TILES:
         m = WINOGRAD_TILES[algorithm]
         u = cg.constant(winograd.transform_weights(weights, m), f"{node.name}_winograd{m}")
@@ -138,10 +152,12 @@ def emit_conv(node: Node, cg: Codegen):
         call = cg.kernel(KERNELS, "conv_direct")
         cg.line(f"{call}({args.format(w=w5)}, {ws}, {g!r}, group={group}, {epilogue})")
     else:  # im2col_gemm, grouped
-        wmat = cg.constant(weights.reshape(group, k_out // group, -1), f"{node.name}_wcol")
+        wmat, packed = _gemm_weights(cg, weights.reshape(group, k_out // group, -1),
+                                     f"{node.name}_wcol")
         ws = workspace(cg, scratch_size("im2col_gemm", x.type.shape, weights.shape, g))
         call = cg.kernel(KERNELS, "conv_im2col")
-        cg.line(f"{call}({args.format(w=wmat)}, {ws}, {g!r}, group={group}, {epilogue})")
+        cg.line(f"{call}({args.format(w=wmat)}, {ws}, {g!r}, group={group}, {epilogue}"
+                f"{packed})")
     return None
 
 

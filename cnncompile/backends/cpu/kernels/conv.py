@@ -30,10 +30,12 @@ from functools import lru_cache
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ..threads import serial_blas, threads
 from .blas import sgemm
+from .microkernel import MR, gemm_packed
 from .epilogue import RELU, activation_row, bias_activation, epilogue_plane
 
 NO_ACT = (0, 0.0, 0.0)
@@ -509,7 +511,7 @@ BLOCK_BYTES = 3 << 19
 MIN_BLOCK = 128
 #: bytes of the batched columns and GEMM result of one group of small images
 BATCH_BYTES = 8 << 20
-#: output rows of a block of weights, a multiple of OpenBLAS's register tile
+#: output rows of a block of weights, a multiple of OpenBLAS's register tile and of MR
 ROW_ALIGN = 16
 BLOCKS, BATCHED = 0, 1
 #: cold compile seconds of the parallel drivers (with their helpers), for backend.precompile
@@ -556,13 +558,13 @@ def gemm_plan(n_batch, rows, k_out, positions, workers, pad=0, pack=True, group=
 
 
 def row_blocks(rows: int, group: int, workers: int, per_worker: int = 1,
-               min_rows: int = 8) -> list[tuple[int, int]]:
+               min_rows: int = 8, align: int = 1) -> list[tuple[int, int]]:
     """[(first, end)] rows of a (group * rows)-row product: whole groups, each split into about
     ``per_worker`` blocks per thread when there are fewer groups than that, none thinner than
-    ``min_rows``."""
+    ``min_rows``, each starting at a multiple of ``align`` within its group."""
     parts = 1 if workers <= 1 else max(1, min(-(-per_worker * workers // group),
                                               rows // min_rows))
-    step = -(-rows // parts)
+    step = -(-(-(-rows // parts)) // align) * align
     return [(q * rows + r, q * rows + min(rows, r + step)) for q in range(group)
             for r in range(0, rows, step)]
 
@@ -584,7 +586,8 @@ def _batched_blocks(k_group: int, group: int, workers: int, nb: int) -> np.ndarr
         blocks = [(q * k_group, (q + 1) * k_group, i, min(nb, i + step)) for q in range(group)
                   for i in range(0, nb, step)]
     else:
-        blocks = [(k0, k1, 0, nb) for k0, k1 in row_blocks(k_group, group, workers)]
+        blocks = [(k0, k1, 0, nb) for k0, k1 in row_blocks(k_group, group, workers,
+                                                           align=MR)]
     return np.array(blocks, dtype=np.int64).reshape(-1, 4)
 
 
@@ -644,12 +647,39 @@ def _columns(x5, col, g, rows, j0, count, pack):
         im2col_block(x5, col, g, 0, rows, 0, j0, count)
 
 
+def _product(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc):
+    """out rows [k0, k1) (one group's) = W's rows @ B (k = the group's rows), into C: by
+    microkernel.gemm_packed from the packed weights wp where the module has them (inference:
+    constants packed at compile time, k0 a multiple of MR within its group; w is None), else by
+    sgemm from w (group, K/group, rows; wp is None). A Numba overload: each form compiles only
+    the GEMM it calls (ResNet-50's cold compile: 17 s with both in every driver, 13.7 s)."""
+    raise NotImplementedError("only called from Numba kernels")
+
+
+@overload(_product, inline="always")
+def _product_forms(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc):
+    if isinstance(wp, types.NoneType):
+        def unpacked(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc):
+            rows_g = dims[2]
+            sgemm(0, 0, k1 - k0, n, rows_g, w, k0 * rows_g, rows_g, b, b_at, ldb, 0.0, c,
+                  c_at, ldc)
+        return unpacked
+
+    def packed(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc):
+        k_group, rows_g = dims[1], dims[2]
+        q = k0 // k_group
+        padded = wp.shape[1] * MR
+        gemm_packed(k1 - k0, n, rows_g, wp, q * padded * rows_g, k0 - q * k_group, padded, b,
+                    b_at, ldb, 0.0, c, c_at, ldc)
+    return packed
+
+
 @njit(nogil=True, parallel=True, cache=True)
-def _gemm_conv_blocks(x5, xps, w, bias, out, out_pitch, res, res_pitch, buf, g, pack, pb, kb,
-                      code, params, post_code, post_params):
+def _gemm_conv_blocks(x5, xps, w, wp, dims, bias, out, out_pitch, res, res_pitch, buf, g, pack,
+                      pb, kb, code, params, post_code, post_params):
     """The BLOCKS plan (gemm_plan) in one parallel loop; out and res flat (flat_images)."""
     n_batch = x5.shape[0]
-    group, k_group, rows_g = w.shape
+    group, k_group, rows_g = dims
     rows = group * rows_g
     k_out = group * k_group
     positions = g[12] * g[13] * g[14]
@@ -676,12 +706,13 @@ def _gemm_conv_blocks(x5, xps, w, bias, out, out_pitch, res, res_pitch, buf, g, 
             else:
                 im2col_block(x5[n], col, g, 0, rows, p0, 0, count)
             for q in range(group):
-                sgemm(0, 0, k1 - k0 if group == 1 else k_group, count, rows_g,
-                      w, (q * k_group + k0) * rows_g, rows_g, col, q * rows_g * pb, pb,
-                      0.0, out, at + q * k_group * positions, positions)
+                r0 = q * k_group + k0
+                _product(w, wp, dims, r0, r0 + (k1 - k0 if group == 1 else k_group), count,
+                         col, q * rows_g * pb, pb, out, at + q * k_group * positions,
+                         positions)
         else:
-            sgemm(0, 0, k1 - k0, count, rows, w, k0 * rows, rows,
-                  x5, n * x_pitch + p0, positions, 0.0, out, at, positions)
+            _product(w, wp, dims, k0, k1, count, x5, n * x_pitch + p0, positions, out, at,
+                     positions)
         if has_epilogue:
             epilogue_rows(_EMPTY1, 0, out, at, res, n * res_pitch + k0 * positions + p0,
                           (0, positions, positions), k1 - k0, count,
@@ -727,12 +758,12 @@ def _image_columns(x5, col, g, pack):
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def _batched_products(x5, w, bias, out, out_pitch, res, res_pitch, col, y_buf, g, pack, n0, n1,
-                      blocks, code, params, post_code, post_params):
+def _batched_products(x5, w, wp, dims, bias, out, out_pitch, res, res_pitch, col, y_buf, g, pack,
+                      n0, n1, blocks, code, params, post_code, post_params):
     """The products of images n0..n1 (their columns in col, or for one 1x1 image x5 itself), a
     task per block of output rows and images (``blocks``, _batched_blocks): straight into out
     for one image, else into y_buf and scattered into out with the epilogue."""
-    group, k_group, rows_g = w.shape
+    group, k_group, rows_g = dims
     positions = g[12] * g[13] * g[14]
     width = (n1 - n0) * positions
     x_pitch = x5.strides[0] // 4
@@ -748,11 +779,11 @@ def _batched_products(x5, w, bias, out, out_pitch, res, res_pitch, col, y_buf, g
                 continue
             at = n0 * out_pitch + k0 * positions
             if pack:
-                sgemm(0, 0, k1 - k0, positions, rows_g, w, k0 * rows_g, rows_g,
-                      col, r0 * width, width, 0.0, out, at, positions)
+                _product(w, wp, dims, k0, k1, positions, col, r0 * width, width, out, at,
+                         positions)
             else:
-                sgemm(0, 0, k1 - k0, positions, rows_g, w, k0 * rows_g, rows_g,
-                      x5, n0 * x_pitch + r0 * positions, positions, 0.0, out, at, positions)
+                _product(w, wp, dims, k0, k1, positions, x5, n0 * x_pitch + r0 * positions,
+                         positions, out, at, positions)
             if has_epilogue:
                 epilogue_rows(_EMPTY1, 0, out, at, res, n0 * res_pitch + k0 * positions,
                               (0, positions, positions), k1 - k0, positions, bias_part,
@@ -760,9 +791,8 @@ def _batched_products(x5, w, bias, out, out_pitch, res, res_pitch, col, y_buf, g
             continue
         if i0 >= i1:
             continue
-        sgemm(0, 0, k1 - k0, (i1 - i0) * positions, rows_g, w, k0 * rows_g, rows_g, col,
-              r0 * width + i0 * positions, width, 0.0, y_buf, k0 * width + i0 * positions,
-              width)
+        _product(w, wp, dims, k0, k1, (i1 - i0) * positions, col, r0 * width + i0 * positions,
+                 width, y_buf, k0 * width + i0 * positions, width)
         for j in range(i0, i1):
             n = n0 + j
             if has_epilogue:
@@ -776,13 +806,13 @@ def _batched_products(x5, w, bias, out, out_pitch, res, res_pitch, col, y_buf, g
                            n * out_pitch + k0 * positions, positions, k1 - k0, positions)
 
 
-def _gemm_conv_batched(x5, xp_buf, w, bias, out, out_pitch, res, res_pitch, col_buf, y_buf, g,
-                       pack, nb, parts, blocks, code, params, post_code, post_params):
+def _gemm_conv_batched(x5, xp_buf, w, wp, dims, bias, out, out_pitch, res, res_pitch, col_buf,
+                       y_buf, g, pack, nb, parts, blocks, code, params, post_code, post_params):
     """The BATCHED plan (gemm_plan): per group of nb images, their columns side by side
     (_padded_columns, a task per block of channels, ``parts`` of them; or _image_columns, a
     task per image), then their products (_batched_products)."""
     n_batch = x5.shape[0]
-    group, k_group, rows_g = w.shape
+    group, k_group, rows_g = dims
     rows = group * rows_g
     positions = g[12] * g[13] * g[14]
     for n0 in range(0, n_batch, nb):
@@ -794,8 +824,8 @@ def _gemm_conv_batched(x5, xp_buf, w, bias, out, out_pitch, res, res_pitch, col_
             _padded_columns(x5[n0:n1], xp_buf, col_buf[:rows * width], g, parts)
         elif pack or n1 - n0 > 1:
             _image_columns(x5[n0:n1], col, g, pack)
-        _batched_products(x5, w, bias, out, out_pitch, res, res_pitch, col, y_buf, g, pack, n0,
-                          n1, blocks, code, params, post_code, post_params)
+        _batched_products(x5, w, wp, dims, bias, out, out_pitch, res, res_pitch, col, y_buf, g,
+                          pack, n0, n1, blocks, code, params, post_code, post_params)
 
 
 @lru_cache(maxsize=1024)
@@ -810,14 +840,20 @@ def _call_plan(x_shape, w_shape, g, workers, pack):
     return mode, a, kb, need, pad, (x_shape[0], x_shape[1]) + padded_shape(g), blocks
 
 
-def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack):
+def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack, packed=None):
     """The shared driver of conv_im2col (pack: im2col columns) and conv_gemm_1x1 (the columns
-    are x itself): a plan (gemm_plan), then one parallel Numba kernel calling sgemm per task."""
+    are x itself): a plan (gemm_plan), then one parallel Numba kernel calling a GEMM per task.
+    ``packed``: the weights as microkernel.pack_weights laid them out (wmat is then None)."""
     code, params = epilogue_args(act)
     post_code, post_params = epilogue_args(post)
     bias = NO_BIAS if bias is None else bias
-    mode, a, kb, need, pad, xp_shape, blocks = _call_plan(x5.shape, wmat.shape, g, threads(),
-                                                          pack)
+    if packed is not None:
+        dims = (packed.shape[0], out5.shape[1] // packed.shape[0], packed.shape[2])
+        wmat, wp = None, packed
+    else:
+        wmat = contiguous(wmat)
+        dims, wp = wmat.shape, None
+    mode, a, kb, need, pad, xp_shape, blocks = _call_plan(x5.shape, dims, g, threads(), pack)
     buf = scratch(ws, need)
     if not pack and not x5[0].flags.c_contiguous:
         x5 = np.ascontiguousarray(x5)
@@ -825,22 +861,21 @@ def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack):
     out, out_pitch = flat_images(target)
     res, res_pitch = (_EMPTY1, 0) if residual is None else flat_images(contiguous_images(
         as5(residual)))
-    wmat = contiguous(wmat)
     with serial_blas():
         if mode == BLOCKS:
             n_pad = xp_shape[0] * pad
             xps = buf[:n_pad].reshape(xp_shape) if pad else _EMPTY5
-            _gemm_conv_blocks(x5, xps, wmat, bias, out, out_pitch, res, res_pitch, buf[n_pad:],
-                              g, pack, a, kb, code, params, post_code, post_params)
+            _gemm_conv_blocks(x5, xps, wmat, wp, dims, bias, out, out_pitch, res, res_pitch,
+                              buf[n_pad:], g, pack, a, kb, code, params, post_code, post_params)
         else:
-            group, k_group, rows_g = wmat.shape
+            group, k_group, rows_g = dims
             slot_pad = numba.config.NUMBA_NUM_THREADS * pad
             width = a * g[12] * g[13] * g[14]
             columns = group * rows_g * width if pack or a > 1 else 0
             rest = buf[slot_pad:]
-            _gemm_conv_batched(x5, buf[:slot_pad], wmat, bias, out, out_pitch, res, res_pitch,
-                               rest[:columns], rest[columns:], g, pack, a, 2 * threads(),
-                               blocks, code, params, post_code, post_params)
+            _gemm_conv_batched(x5, buf[:slot_pad], wmat, wp, dims, bias, out, out_pitch, res,
+                               res_pitch, rest[:columns], rest[columns:], g, pack, a,
+                               2 * threads(), blocks, code, params, post_code, post_params)
     if target is not out5:
         out5[...] = target
 
@@ -858,13 +893,16 @@ def _epilogue_block(y3, bias, code, params, res5, post_code, post_params):
     bias_activation(y3, y3, bias, code, params, res3, post_code, post_params)
 
 
-def conv_gemm_1x1(x, wmat, bias, out, act=NO_ACT, residual=None, post=NO_ACT, ws=None):
+def conv_gemm_1x1(x, wmat, bias, out, act=NO_ACT, residual=None, post=NO_ACT, ws=None,
+                  packed=None):
     """1x1, stride 1, unpadded: Y[K, S] = W[K, C] @ X[C, S] per image (blocks of S, or the
     columns of several small images side by side), the epilogue fused; ``ws`` as scratch_size
-    ("gemm_1x1") says (None: allocated per call)."""
+    ("gemm_1x1") says (None: allocated per call). ``packed``: W packed at compile time
+    (microkernel.pack_weights of W as (1, K, C)), for wmat=None."""
     positions = math.prod(x.shape[2:])
-    _gemm_conv(x.reshape(x.shape[:2] + (1, 1, positions)), wmat.reshape(1, wmat.shape[0], -1),
-               bias, as5(out), ws, _geometry_1x1(positions), act, residual, post, pack=False)
+    w3 = None if wmat is None else wmat.reshape(1, wmat.shape[-2], -1)
+    _gemm_conv(x.reshape(x.shape[:2] + (1, 1, positions)), w3, bias, as5(out), ws,
+               _geometry_1x1(positions), act, residual, post, pack=False, packed=packed)
     return out
 
 
@@ -873,10 +911,13 @@ def _geometry_1x1(positions: int) -> tuple[int, ...]:
     return geometry((1,), (1,), (1,), (0, 0), (positions,))
 
 
-def conv_im2col(x, wmat, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post=NO_ACT):
+def conv_im2col(x, wmat, bias, out, ws, g, group=1, act=NO_ACT, residual=None, post=NO_ACT,
+                packed=None):
     """im2col + GEMM (batched over groups) with the epilogue fused, in cache-sized blocks of
-    output positions (see gemm_plan). wmat: (group, K/group, C/group * taps)."""
-    _gemm_conv(as5(x), wmat, bias, as5(out), ws, g, act, residual, post, pack=True)
+    output positions (see gemm_plan). wmat: (group, K/group, C/group * taps), or None with
+    ``packed``, its microkernel.pack_weights."""
+    _gemm_conv(as5(x), wmat, bias, as5(out), ws, g, act, residual, post, pack=True,
+               packed=packed)
     return out
 
 

@@ -1,0 +1,49 @@
+"""The packed GEMM of the CPU convolutions (kernels/microkernel.py) against float64 NumPy: edge
+tiles in both directions, several KC blocks, row blocks that start inside the packed weights,
+accumulation (beta 1), operands addressed inside arrays of other ranks, and groups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnncompile.backends.cpu.kernels.microkernel import KC, MR, NR, gemm_packed, pack_weights
+from helpers import rel_l2
+
+SHAPES = [(1, 1, 1), (MR, NR, 3), (MR - 1, NR + 1, KC + 5), (3 * MR + 5, 49, 2 * KC + 17),
+          (17, 2 * NR + 7, 20), (64, 196, KC)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_gemm_packed_matches_numpy(m, n, k, beta):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = rng.standard_normal((m, n)).astype(np.float32)
+    want = a.astype(np.float64) @ b + beta * c
+    packed = pack_weights(a[None])
+    gemm_packed(m, n, k, packed, 0, 0, packed.shape[1] * MR, b, 0, n, beta, c, 0, n)
+    assert rel_l2(c, want) <= 1e-6
+
+
+def test_gemm_packed_row_blocks_pitches_and_groups():
+    """Rows [row0, row0 + m) of group 1's packed weights, B a block inside a 4-D array with a
+    longer row pitch, C a block inside a larger 2-D one: nothing outside C's block changes."""
+    rng = np.random.default_rng(3)
+    group, k_group, k = 2, 3 * MR + 2, 300
+    w = rng.standard_normal((group, k_group, k)).astype(np.float32)
+    packed = pack_weights(w)
+    assert packed.shape == (group, 4, k, MR)
+    x = rng.standard_normal((2, k, 5, 20)).astype(np.float32)  # B: x[1] as (k, 100), cols 7..
+    n, ldb, b_at = 61, 100, x[0].size + 7
+    c = rng.standard_normal((40, 90)).astype(np.float32)
+    before = c.copy()
+    row0, m = MR, 2 * MR + 1
+    gemm_packed(m, n, k, packed, 1 * packed[0].size, row0, packed.shape[1] * MR, x, b_at, ldb,
+                0.0, c, 3 * 90 + 5, 90)
+    want = w[1, row0:row0 + m].astype(np.float64) @ x[1].reshape(k, ldb)[:, 7:7 + n]
+    assert rel_l2(c[3:3 + m, 5:5 + n], want) <= 1e-6
+    outside = np.ones(c.shape, bool)
+    outside[3:3 + m, 5:5 + n] = False
+    assert np.array_equal(c[outside], before[outside])
