@@ -37,7 +37,7 @@ KC = 256
 #: rows of A per block of the loops (MC x KC floats: 240 KiB, in L2)
 MC = 240
 #: columns of B per packed block
-NC = 2048
+NC = 512
 
 _LANES = 16
 _F32, _I64, _I32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
@@ -259,11 +259,18 @@ def _gemm_packed_body(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_
                            b_pack, q * kc * NR)
             add = 1 if beta != 0 or p0 > 0 else 0
             block = a_at + p0 * a_rows
-            for ir_ in range(0, m, MR):
+            if nc <= 2 * NR:
+                for ir_ in range(0, m, MR):
+                    for jr in range(0, nc, NR):
+                        _tile(kc, ap, block + (row0 + ir_) * kc, b_pack, jr * kc, c,
+                              c_at + ir_ * ldc + j0 + jr, ldc, add, min(MR, m - ir_),
+                              min(NR, nc - jr))
+            else:
                 for jr in range(0, nc, NR):
-                    _tile(kc, ap, block + (row0 + ir_) * kc, b_pack, jr * kc, c,
-                          c_at + ir_ * ldc + j0 + jr, ldc, add, min(MR, m - ir_),
-                          min(NR, nc - jr))
+                    for ir_ in range(0, m, MR):
+                        _tile(kc, ap, block + (row0 + ir_) * kc, b_pack, jr * kc, c,
+                              c_at + ir_ * ldc + j0 + jr, ldc, add, min(MR, m - ir_),
+                              min(NR, nc - jr))
 
 
 _P32 = types.CPointer(types.float32)
