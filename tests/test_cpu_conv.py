@@ -10,6 +10,7 @@ from onnx import helper
 import cnncompile
 from cnncompile.backends.cpu.backend import CpuBackend
 from cnncompile.backends.cpu.kernels import epilogue as ep
+from cnncompile.backends.cpu.kernels.microkernel import pack_weights
 from cnncompile.ops import OPS
 from cnncompile.runtime.module import Module
 from helpers import make_model, rel_l2
@@ -398,23 +399,33 @@ def test_drivers_split_the_same_with_any_thread_count(threads):
             runs = {}
             for ws in (None, np.empty(0, np.float32)):
                 out = np.full(out_shape, np.nan, np.float32)
+                wmat = w.reshape(1, k_out, -1)
                 if kernel == 1:
-                    conv.conv_gemm_1x1(x, w.reshape(k_out, -1), bias, out, relu, res, relu, ws=ws)
+                    conv.conv_gemm_1x1(x, wmat[0], bias, out, relu, res, relu, ws=ws)
                     runs["gemm_1x1"] = out
+                    out = np.full(out_shape, np.nan, np.float32)
+                    conv.conv_gemm_1x1(x, None, bias, out, relu, res, relu, ws=ws,
+                                       packed=pack_weights(wmat))
+                    runs["gemm_1x1 packed"] = out
                 else:
                     size = conv.scratch_size("im2col_gemm", x.shape, w.shape, g)
-                    conv.conv_im2col(x, w.reshape(1, k_out, -1), bias, out,
-                                     np.empty(size, np.float32) if ws is None else ws, g,
-                                     act=relu, residual=res, post=relu)
-                    runs["im2col"] = out.copy()
-                    for m in (2, 4):
+                    for packed in (False, True):
                         out = np.full(out_shape, np.nan, np.float32)
-                        size = winograd.scratch_size(x.shape[0], x.shape[1], k_out,
-                                                     *out_shape[2:], m)
-                        winograd.conv_winograd(x, winograd.transform_weights(w, m), bias, out,
-                                               np.empty(size, np.float32) if ws is None else ws,
-                                               m, attrs["pads"], relu, res, relu)
-                        runs[f"F({m}x{m})"] = out
+                        conv.conv_im2col(x, None if packed else wmat, bias, out,
+                                         np.empty(size, np.float32) if ws is None else ws, g,
+                                         act=relu, residual=res, post=relu,
+                                         packed=pack_weights(wmat) if packed else None)
+                        runs[f"im2col packed={packed}"] = out
+                    for m in (2, 4):
+                        for packed in (False, True):
+                            out = np.full(out_shape, np.nan, np.float32)
+                            size = winograd.scratch_size(x.shape[0], x.shape[1], k_out,
+                                                         *out_shape[2:], m)
+                            u = winograd.transform_weights(w, m, packed=packed)
+                            winograd.conv_winograd(x, u, bias, out,
+                                                   np.empty(size, np.float32) if ws is None
+                                                   else ws, m, attrs["pads"], relu, res, relu)
+                            runs[f"F({m}x{m}) packed={packed}"] = out
                 for name, got in runs.items():
                     assert rel_l2(got, want) <= TOL, (name, x_shape, rel_l2(got, want))
     finally:

@@ -133,7 +133,8 @@ def emit_conv(node: Node, cg: Codegen):
         cg.line(f"{call}({args.format(w=wmat)}, {epilogue}{ws}{packed})")
     elif algorithm in WINOGRAD_TILES:
         m = WINOGRAD_TILES[algorithm]
-        u = cg.constant(winograd.transform_weights(weights, m), f"{node.name}_winograd{m}")
+        u = cg.constant(winograd.transform_weights(weights, m, packed=PACKED_GEMM),
+                       f"{node.name}_winograd{m}")
         out_h, out_w = y.type.shape[2:]
         ws = workspace(cg, winograd.scratch_size(x.type.shape[0], channels, k_out, out_h,
                                                  out_w, m))

@@ -2,12 +2,14 @@
 
 The math is ``cnncompile/ops/winograd.py``'s (Lavin & Gray): Y = A^T [U * (B^T d B)] A per
 m x m output tile. The filter transform U is done at compile time (``transform_weights``, float64,
-laid out [alpha^2, K, C] for the GEMM). A call runs three steps on a set of tiles:
+laid out [alpha^2, K, C] for the GEMM, or each U[p] packed for the microkernel). A call runs three steps on a set of tiles:
 
 1. ``input_f2`` / ``input_f4``: V[alpha^2, C, tiles] = B^T d B. Per channel, each input row
    gets its pads (partial edge tiles read zeros) and the transform along x; the pass along y then
    runs as long flat loops over all tiles;
-2. a batched GEMM through NumPy's BLAS: M[alpha^2, K, tiles] = U @ V;
+2. alpha^2 GEMMs M[alpha^2, K, tiles] = U @ V: microkernel.gemm_packed on U packed at compile
+   time (inference), or NumPy's OpenBLAS on U transformed per call (training's run-time
+   weights);
 3. ``output_f2`` / ``output_f4``: Y = A^T M A on blocks of output channels (flat loops again),
    interleaved back into the output rows, cropped at the edges, with the epilogue (bias,
    activation, residual, post activation) while the rows are in cache.
@@ -34,9 +36,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from ....ops.winograd import matrices
 from .blas import sgemm
+from .microkernel import MR, gemm_packed, pack_weights
 from .conv import NO_ACT, NO_BIAS, epilogue_args, scratch, serial_blas, threads
 from .epilogue import NONE, RELU, activation_row
 
@@ -52,15 +56,18 @@ MIN_BAND_TILES = 128
 BLOCK_TILES = 128
 
 
-def transform_weights(w: np.ndarray, m: int) -> np.ndarray:
+def transform_weights(w: np.ndarray, m: int, packed: bool = False) -> np.ndarray:
     """U = G g G^T for K x C x 3 x 3 weights, as a contiguous [alpha^2, K, C] float32 array:
     ops/winograd.py's transform as one float64 GEMM, (G kron G) @ g, since VGG's weights made
-    the two-pass version a second of every compile."""
+    the two-pass version a second of every compile. ``packed``: each U[p] packed for
+    microkernel.gemm_packed instead, (alpha^2, K / MR panels, C, MR), as inference modules
+    hold it."""
     _, g, _ = matrices(m)
     k_out, channels = w.shape[:2]
     alpha = g.shape[0]
     u = np.kron(g, g) @ np.asarray(w, np.float64).reshape(k_out * channels, 9).T
-    return np.ascontiguousarray(u.reshape(alpha * alpha, k_out, channels), dtype=np.float32)
+    u = np.ascontiguousarray(u.reshape(alpha * alpha, k_out, channels), dtype=np.float32)
+    return pack_weights(u) if packed else u
 
 
 def tiles(out_h: int, out_w: int, m: int) -> tuple[int, int]:
@@ -91,7 +98,7 @@ def plan(n_batch: int, channels: int, k_out: int, out_h: int, out_w: int, m: int
         return "bands", band_rows, bands, workers * alpha2 * (channels + k_out) * band_rows * tw
     nb = max(1, min(n_batch, -(-BLOCK_TILES // (th * tw))))
     kparts = max(1, min(workers, k_out // 8))
-    k_block = -(-k_out // kparts)
+    k_block = -(-(-(-k_out // kparts)) // MR) * MR
     count = nb * th * tw
     return "blocks", nb, kparts, alpha2 * count * (channels + workers * k_block)
 
@@ -371,6 +378,35 @@ def output_f2(mm, out, bias, th, tw, kb, n0, k0, row0, code, params, res, post_c
                                   post_code, post_params)
 
 
+@njit(inline="always", cache=True)
+def _k_block(k_out, kparts):
+    """Output channels per task of _winograd_products: a multiple of MR (packed U's panels)."""
+    return ((k_out + kparts - 1) // kparts + MR - 1) // MR * MR
+
+
+def _product(u, p, k0, kc, count, channels, k_out, v, v_at, mm, mm_at):
+    """M[p] rows [0, kc) = U[p] rows [k0, k0 + kc) @ V[p] (channels x count), into mm: by
+    microkernel.gemm_packed where U was packed at compile time (4-D, inference), else by sgemm
+    (U (alpha^2, K, C), transformed per call in training). A Numba overload, so that each form
+    compiles only the GEMM it calls."""
+    raise NotImplementedError("only called from Numba kernels")
+
+
+@overload(_product, inline="always")
+def _product_forms(u, p, k0, kc, count, channels, k_out, v, v_at, mm, mm_at):
+    if u.ndim == 3:
+        def unpacked(u, p, k0, kc, count, channels, k_out, v, v_at, mm, mm_at):
+            sgemm(0, 0, kc, count, channels, u, (p * k_out + k0) * channels, channels, v, v_at,
+                  count, 0.0, mm, mm_at, count)
+        return unpacked
+
+    def packed(u, p, k0, kc, count, channels, k_out, v, v_at, mm, mm_at):
+        rows = u.shape[1] * MR
+        gemm_packed(kc, count, channels, u, p * rows * channels, k0, rows, v, v_at, count, 0.0,
+                    mm, mm_at, count)
+    return packed
+
+
 @njit(cache=True)
 def channel_block(k_out: int, count: int) -> int:
     """Output channels per output-transform job: loops of >= ~512 tiles, >= 4 jobs."""
@@ -384,14 +420,14 @@ def _transforms(x, u, v, mm, bias, out, res, m, th, tw, top, left, k0, row0, cod
     GEMMs M = U[:, k0:k0 + kc] @ V (sgemm, single-threaded), the output transform into out's
     channels k0... from output row row0, with the epilogue."""
     alpha2, kc, count = mm.shape
-    channels, k_out = v.shape[1], u.shape[1]
+    channels, k_out = v.shape[1], out.shape[1]
     if m == 4:
         input_f4(x, v, th, tw, top, left, 0, 0)
     else:
         input_f2(x, v, th, tw, top, left, 0, 0)
     for p in range(alpha2):
-        sgemm(0, 0, kc, count, channels, u, (p * k_out + k0) * channels, channels, v,
-              p * channels * count, count, 0.0, mm, p * kc * count, count)
+        _product(u, p, k0, kc, count, channels, k_out, v, p * channels * count, mm,
+                 p * kc * count)
     kb = channel_block(kc, count)
     if m == 4:
         output_f4(mm, out, bias, th, tw, kb, 0, k0, row0, code, params, res, post_code,
@@ -407,7 +443,7 @@ def _winograd_bands(x, u, bias, out, res, buf, m, band_rows, top, left, code, pa
     """plan's "bands": a task per band of tile rows of one image, all three steps in the
     thread's own slot of buf."""
     n_batch, channels = x.shape[0], x.shape[1]
-    alpha2, k_out = u.shape[0], u.shape[1]
+    alpha2, k_out = u.shape[0], out.shape[1]
     th, tw = (out.shape[2] + m - 1) // m, (out.shape[3] + m - 1) // m
     bands = (th + band_rows - 1) // band_rows
     per_slot = alpha2 * (channels + k_out) * band_rows * tw
@@ -453,9 +489,9 @@ def _winograd_products(u, v, bias, out, res, buf, m, th, tw, kparts, code, param
     """A task per range of output channels (``kparts`` ranges): the alpha^2 GEMMs of U's rows
     with v (from _winograd_inputs) into the thread's slot of buf, then the output transform with
     the epilogue into out (the block's images)."""
-    alpha2, k_out, channels = u.shape
+    alpha2, k_out, channels = u.shape[0], out.shape[1], v.shape[1]
     count = v.shape[2]
-    k_block = (k_out + kparts - 1) // kparts
+    k_block = _k_block(k_out, kparts)
     for part in prange(kparts):
         k0 = part * k_block
         k1 = min(k_out, k0 + k_block)
@@ -463,9 +499,8 @@ def _winograd_products(u, v, bias, out, res, buf, m, th, tw, kparts, code, param
             at = numba.get_thread_id() * alpha2 * k_block * count
             mm = buf[at:at + alpha2 * (k1 - k0) * count].reshape((alpha2, k1 - k0, count))
             for p in range(alpha2):
-                sgemm(0, 0, k1 - k0, count, channels, u, (p * k_out + k0) * channels,
-                      channels, v, p * channels * count, count, 0.0, mm, p * (k1 - k0) * count,
-                      count)
+                _product(u, p, k0, k1 - k0, count, channels, k_out, v, p * channels * count, mm,
+                         p * (k1 - k0) * count)
             kb = channel_block(k1 - k0, count)
             if m == 4:
                 output_f4(mm, out, bias, th, tw, kb, 0, k0, 0, code, params, res, post_code,
