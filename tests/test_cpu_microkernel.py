@@ -47,3 +47,33 @@ def test_gemm_packed_row_blocks_pitches_and_groups():
     outside = np.ones(c.shape, bool)
     outside[3:3 + m, 5:5 + n] = False
     assert np.array_equal(c[outside], before[outside])
+
+
+@pytest.mark.parametrize("flags", range(16))
+@pytest.mark.parametrize("m,n,k", [(MR + 3, NR + 5, KC + 9), (2 * MR, 49, 40)])
+def test_gemm_packed_fused_epilogue(flags, m, n, k):
+    """Every combination of the tile epilogue (+ bias, ReLU, + residual, ReLU) against NumPy, with
+    several KC blocks (applied on the last only) and edge tiles; the residual has its own row
+    pitch."""
+    from cnncompile.backends.cpu.kernels.microkernel import (EPI_BIAS, EPI_POST_RELU, EPI_RELU,
+                                                             EPI_RESIDUAL, gemm_packed_epilogue)
+
+    rng = np.random.default_rng(flags * 7 + m)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(m + 3).astype(np.float32)
+    res = rng.standard_normal((m, n + 4)).astype(np.float32)
+    want = a.astype(np.float64) @ b
+    if flags & EPI_BIAS:
+        want += bias[2:2 + m, None]
+    if flags & EPI_RELU:
+        want = np.maximum(want, 0)
+    if flags & EPI_RESIDUAL:
+        want += res[:, 1:1 + n]
+    if flags & EPI_POST_RELU:
+        want = np.maximum(want, 0)
+    c = np.full((m, n), np.nan, np.float32)
+    packed = pack_weights(a[None])
+    gemm_packed_epilogue(m, n, k, packed, 0, 0, packed.shape[1] * MR, b, 0, n, c, 0, n, flags,
+                         bias, 2, res, 1, n + 4)
+    assert rel_l2(c, want) <= 1e-6

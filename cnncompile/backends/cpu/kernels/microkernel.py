@@ -40,6 +40,8 @@ MC = 240
 NC = 512
 
 _LANES = 16
+#: a tile's fused epilogue (_tile's flags): + bias, ReLU, + residual, ReLU
+EPI_BIAS, EPI_RELU, EPI_RESIDUAL, EPI_POST_RELU = 1, 2, 4, 8
 _F32, _I64, _I32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
 _VEC = ir.VectorType(_F32, _LANES)
 
@@ -81,12 +83,16 @@ def _masked(builder, kind):
 
 
 @intrinsic
-def _tile(typingctx, kc, a, a_at, b, b_at, c, c_at, ldc, accumulate, height, width):
+def _tile(typingctx, kc, a, a_at, b, b_at, c, c_at, ldc, accumulate, height, width, flags, bias,
+          bias_at, res, res_at, ldr):
     """C[height, width] (row pitch ldc, from c[c_at]; height <= MR, width <= NR) = (or += when
     accumulate) the first rows and columns of A_panel @ B_panel, the panels packed k-major from
     a[a_at] (kc x MR) and b[b_at] (kc x NR). Edge tiles store through lane masks, so C is never
-    touched past its edges."""
-    sig = types.void(kc, a, a_at, b, b_at, c, c_at, ldc, accumulate, height, width)
+    touched past its edges. ``flags`` (EPI_*, 0: none) is a convolution's epilogue applied to the
+    tile before it is stored: + bias[bias_at + row], ReLU, + the residual tile (res[res_at],
+    row pitch ldr), ReLU, in that order, so that the output is written once."""
+    sig = types.void(kc, a, a_at, b, b_at, c, c_at, ldc, accumulate, height, width, flags, bias,
+                     bias_at, res, res_at, ldr)
     vectors = NR // _LANES
 
     def codegen(context, builder, signature, args):
@@ -167,15 +173,73 @@ def _tile(typingctx, kc, a, a_at, b, b_at, c, c_at, ldc, accumulate, height, wid
                 mask = builder.select(inside, lane_masks[j], none)
                 at = builder.gep(pc, [builder.add(row_at, ir.Constant(_I64, j * _LANES))])
                 targets.append((builder.bitcast(at, _VEC.as_pointer()), mask, finals[i][j]))
+        # C's old values where accumulating: a load through an all-false mask reads nothing
         accumulating = builder.icmp_signed("!=", add, ir.Constant(_I64, 0))
-        with builder.if_else(accumulating) as (then, otherwise):
-            with then:
-                for at, mask, final in targets:
-                    old = builder.call(load, [at, align, mask, zero])
-                    builder.call(store, [builder.fadd(old, final), at, align, mask])
-            with otherwise:
-                for at, mask, final in targets:
-                    builder.call(store, [final, at, align, mask])
+        values = []
+        for at, mask, final in targets:
+            old = builder.call(load, [at, align, builder.select(accumulating, mask, none), zero])
+            values.append(builder.fadd(old, final))
+        flags = i64(11)
+
+        def stage(bit, apply):
+            """values = apply(values) where flags has ``bit``: a branch per tile, not per
+            element."""
+            nonlocal values
+            wanted = builder.icmp_signed("!=", builder.and_(flags, ir.Constant(_I64, bit)),
+                                         ir.Constant(_I64, 0))
+            before = builder.block
+            with builder.if_then(wanted):
+                changed = apply(values)
+                after = builder.block
+            merged = []
+            for old, new in zip(values, changed):
+                phi = builder.phi(_VEC)
+                phi.add_incoming(old, before)
+                phi.add_incoming(new, after)
+                merged.append(phi)
+            values = merged
+
+        bias_data = builder.gep(_data(context, builder, signature, args, 12), [i64(13)])
+        res_data = builder.gep(_data(context, builder, signature, args, 14), [i64(15)])
+        ldr = i64(16)
+        last_row = builder.sub(height, ir.Constant(_I64, 1))
+
+        def add_bias(current):
+            out = []
+            for index, value in enumerate(current):
+                i = index // vectors
+                # rows past the tile's height are masked off: read a valid row's bias for them
+                row = builder.select(builder.icmp_signed("<", ir.Constant(_I64, i), height),
+                                     ir.Constant(_I64, i), last_row)
+                element = builder.load(builder.gep(bias_data, [row]))
+                one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), element,
+                                             ir.Constant(_I32, 0))
+                out.append(builder.fadd(value, builder.shuffle_vector(
+                    one, ir.Constant(_VEC, ir.Undefined), splat_mask)))
+            return out
+
+        def relu(current):
+            return [builder.select(builder.fcmp_ordered(">", value, zero), value, zero)
+                    for value in current]
+
+        def add_residual(current):
+            out = []
+            for index, value in enumerate(current):
+                i, j = index // vectors, index % vectors
+                at = builder.gep(res_data, [builder.add(builder.mul(ir.Constant(_I64, i), ldr),
+                                                        ir.Constant(_I64, j * _LANES))])
+                mask = targets[index][1]
+                tile = builder.call(load, [builder.bitcast(at, _VEC.as_pointer()), align, mask,
+                                           zero])
+                out.append(builder.fadd(value, tile))
+            return out
+
+        stage(EPI_BIAS, add_bias)
+        stage(EPI_RELU, relu)
+        stage(EPI_RESIDUAL, add_residual)
+        stage(EPI_POST_RELU, relu)
+        for (at, mask, _), value in zip(targets, values):
+            builder.call(store, [value, at, align, mask])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -244,7 +308,8 @@ def pack_weights(wmat: np.ndarray) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def _gemm_packed_body(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc):
+def _gemm_packed_body(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc, flags,
+                      bias, bias_at, res, res_at, ldr):
     """gemm_packed's work, on 1-element arrays at the operands' memory (the intrinsics address
     them from their data pointers)."""
     if m <= 0 or n <= 0:
@@ -258,31 +323,37 @@ def _gemm_packed_body(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_
                 _copy_rows(kc, min(NR, nc - q * NR), b, b_at + p0 * ldb + j0 + q * NR, ldb,
                            b_pack, q * kc * NR)
             add = 1 if beta != 0 or p0 > 0 else 0
+            epilogue = flags if p0 + KC >= k else 0  # on the last block's tiles only
             block = a_at + p0 * a_rows
             if nc <= 2 * NR:
                 for ir_ in range(0, m, MR):
                     for jr in range(0, nc, NR):
                         _tile(kc, ap, block + (row0 + ir_) * kc, b_pack, jr * kc, c,
                               c_at + ir_ * ldc + j0 + jr, ldc, add, min(MR, m - ir_),
-                              min(NR, nc - jr))
+                              min(NR, nc - jr), epilogue, bias, bias_at + ir_, res,
+                              res_at + ir_ * ldr + j0 + jr, ldr)
             else:
                 for jr in range(0, nc, NR):
                     for ir_ in range(0, m, MR):
                         _tile(kc, ap, block + (row0 + ir_) * kc, b_pack, jr * kc, c,
                               c_at + ir_ * ldc + j0 + jr, ldc, add, min(MR, m - ir_),
-                              min(NR, nc - jr))
+                              min(NR, nc - jr), epilogue, bias, bias_at + ir_, res,
+                              res_at + ir_ * ldr + j0 + jr, ldr)
 
 
 _P32 = types.CPointer(types.float32)
 _C_SIG = types.void(types.int64, types.int64, types.int64, _P32, types.int64, types.int64,
                     types.int64, _P32, types.int64, types.int64, types.float32, _P32,
-                    types.int64, types.int64)
+                    types.int64, types.int64, types.int64, _P32, types.int64, _P32, types.int64,
+                    types.int64)
 
 
 @cfunc(_C_SIG, cache=True)
-def _gemm_packed_c(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc):
+def _gemm_packed_c(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc, flags,
+                   bias, bias_at, res, res_at, ldr):
     _gemm_packed_body(m, n, k, carray(ap, 1), a_at, row0, a_rows, carray(b, 1), b_at, ldb, beta,
-                      carray(c, 1), c_at, ldc)
+                      carray(c, 1), c_at, ldc, flags, carray(bias, 1), bias_at, carray(res, 1),
+                      res_at, ldr)
 
 
 # The kernels call the compiled GEMM through a symbol, as blas.py calls OpenBLAS: compiled once
@@ -292,12 +363,15 @@ SYMBOL = "cnncompile_gemm_packed"
 llvm.add_symbol(SYMBOL, _gemm_packed_c.address)
 _C_TYPE = ir.FunctionType(ir.VoidType(), [_I64, _I64, _I64, _F32.as_pointer(), _I64, _I64, _I64,
                                           _F32.as_pointer(), _I64, _I64, _F32,
-                                          _F32.as_pointer(), _I64, _I64])
+                                          _F32.as_pointer(), _I64, _I64, _I64, _F32.as_pointer(),
+                                          _I64, _F32.as_pointer(), _I64, _I64])
 
 
 @intrinsic
-def _call(typingctx, m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc):
-    sig = types.void(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc)
+def _call(typingctx, m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc, flags,
+          bias, bias_at, res, res_at, ldr):
+    sig = types.void(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc, flags,
+                     bias, bias_at, res, res_at, ldr)
 
     def codegen(context, builder, signature, args):
         def i64(index):
@@ -309,10 +383,14 @@ def _call(typingctx, m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_a
         function = cgutils.get_or_insert_function(builder.module, _C_TYPE, SYMBOL)
         beta = context.cast(builder, args[10], signature.args[10], types.float32)
         builder.call(function, [i64(0), i64(1), i64(2), data(3), i64(4), i64(5), i64(6),
-                                data(7), i64(8), i64(9), beta, data(11), i64(12), i64(13)])
+                                data(7), i64(8), i64(9), beta, data(11), i64(12), i64(13),
+                                i64(14), data(15), i64(16), data(17), i64(18), i64(19)])
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+_NONE = np.zeros(1, np.float32)
 
 
 @njit(inline="always", cache=True)
@@ -322,4 +400,15 @@ def gemm_packed(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ld
     read as zeros); B and C start at element ``*_at`` of float32 arrays of any shape (their
     memory is addressed as flat, as blas.sgemm does) with row pitches ldb, ldc. On the calling
     thread, no checks."""
-    _call(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc)
+    _call(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at, ldc, 0, _NONE, 0,
+          _NONE, 0, 0)
+
+
+@njit(inline="always", cache=True)
+def gemm_packed_epilogue(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, c, c_at, ldc, flags,
+                         bias, bias_at, res, res_at, ldr):
+    """gemm_packed with beta 0 and a convolution's epilogue on the tiles as they are stored
+    (``flags``: EPI_* bits): C = post(act(A @ B + bias[bias_at + row]) + res), res from
+    res[res_at] with row pitch ldr, each of the four optional."""
+    _call(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, 0.0, c, c_at, ldc, flags, bias,
+          bias_at, res, res_at, ldr)
