@@ -39,6 +39,16 @@ def _summary(tally: Counter, verb: str) -> str:
 
 
 # ---- fold_batchnorm ------------------------------------------------------------------------------
+def _apply(graph: Graph, make_rules, pass_name: str, verb: str) -> Graph:
+    """Rewrite ``graph`` with the rules make_rules(tally) returns, their functions counting
+    what they do in tally, and note the count ("fused 8 Add into Conv")."""
+    tally: Counter = Counter()
+    rewrite(graph, make_rules(tally), created_by=pass_name)
+    if tally:
+        note(_summary(tally, verb))
+    return graph
+
+
 def _one_output(node: Node) -> bool:
     return len(node.outputs) == 1
 
@@ -167,11 +177,7 @@ def _batchnorm_rules(tally: Counter) -> list:
 @register_pass("fold_batchnorm", "fold BatchNormalization and per-channel Mul/Add by constants "
                "into the preceding Conv/ConvTranspose/Gemm; other BatchNormalization -> Mul+Add")
 def fold_batchnorm(graph: Graph) -> Graph:
-    tally: Counter = Counter()
-    rewrite(graph, _batchnorm_rules(tally), created_by="fold_batchnorm")
-    if tally:
-        note(_summary(tally, "folded"))
-    return graph
+    return _apply(graph, _batchnorm_rules, "fold_batchnorm", "folded")
 
 
 # ---- fold_pad ------------------------------------------------------------------------------------
@@ -244,11 +250,7 @@ def _pad_rules(tally: Counter) -> list:
 @register_pass("fold_pad", "fold a constant spatial Pad into the pads of the following Conv, "
                "AveragePool or MaxPool")
 def fold_pad(graph: Graph) -> Graph:
-    tally: Counter = Counter()
-    rewrite(graph, _pad_rules(tally), created_by="fold_pad")
-    if tally:
-        note(_summary(tally, "folded"))
-    return graph
+    return _apply(graph, _pad_rules, "fold_pad", "folded")
 
 
 # ---- fuse_conv_activation ------------------------------------------------------------------------
@@ -277,11 +279,7 @@ def _activation_rules(tally: Counter) -> list:
 @register_pass("fuse_conv_activation", "Conv + pointwise activation -> FusedConv; Gemm + "
                "activation -> FusedGemm")
 def fuse_conv_activation(graph: Graph) -> Graph:
-    tally: Counter = Counter()
-    rewrite(graph, _activation_rules(tally), created_by="fuse_conv_activation")
-    if tally:
-        note(_summary(tally, "fused"))
-    return graph
+    return _apply(graph, _activation_rules, "fuse_conv_activation", "fused")
 
 
 # ---- fuse_residual_add ---------------------------------------------------------------------------
@@ -338,11 +336,7 @@ def _residual_rules(tally: Counter) -> list:
 @register_pass("fuse_residual_add", "Conv/FusedConv + Add(skip) [+ activation] -> FusedConv "
                "with residual=True")
 def fuse_residual_add(graph: Graph) -> Graph:
-    tally: Counter = Counter()
-    rewrite(graph, _residual_rules(tally), created_by="fuse_residual_add")
-    if tally:
-        note(_summary(tally, "fused"))
-    return graph
+    return _apply(graph, _residual_rules, "fuse_residual_add", "fused")
 
 
 # ---- fuse_activation_grad -------------------------------------------------------------------------
@@ -369,11 +363,7 @@ def _activation_grad_rules(tally: Counter) -> list:
                "BatchNorm + activation) -> one BatchNormTrainGrad that takes dY through the "
                "activation's gradient")
 def fuse_activation_grad(graph: Graph) -> Graph:
-    tally: Counter = Counter()
-    rewrite(graph, _activation_grad_rules(tally), created_by="fuse_activation_grad")
-    if tally:
-        note(_summary(tally, "fused"))
-    return graph
+    return _apply(graph, _activation_grad_rules, "fuse_activation_grad", "fused")
 
 
 # ---- fuse_elementwise ----------------------------------------------------------------------------

@@ -112,10 +112,14 @@ class _Args:
     def f32(self, index):
         return self.cast(index, types.float32)
 
-    def pointer(self, index, at_index):
+    def data(self, index):
+        """The array argument's data pointer (its first element)."""
         array = self.context.make_array(self.types[index])(self.context, self.builder,
                                                            self.values[index])
-        return self.builder.gep(array.data, [self.i64(at_index)])
+        return array.data
+
+    def pointer(self, index, at_index):
+        return self.builder.gep(self.data(index), [self.i64(at_index)])
 
     def trans(self, index):
         return self.builder.add(self.cast(index, types.int32), ir.Constant(_I32, NO_TRANS))

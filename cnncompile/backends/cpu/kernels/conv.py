@@ -658,7 +658,8 @@ def _product(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc, fused, bias, re
     sgemm from w (group, K/group, rows; wp is None). ``fused`` >= 0 (packed only): the
     epilogue's EPI_* flags, applied by the GEMM as it stores (bias from bias[k0], the residual
     from res[res_at] with C's row pitch). A Numba overload: each form compiles only the GEMM it
-    calls (ResNet-50's cold compile: 17 s with both in every driver, 13.7 s)."""
+    calls, so that inference drivers do not compile the OpenBLAS path nor training's the packed
+    one."""
     raise NotImplementedError("only called from Numba kernels")
 
 

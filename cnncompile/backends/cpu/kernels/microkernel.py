@@ -28,6 +28,8 @@ from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .blas import _Args
+
 #: register tile: MR rows of C (output channels) by NR columns (positions); 8 x 32 is 16 vector
 #: accumulators of 16 floats (one core, packed operands in cache: 8 x 32 ~200 GFLOP/s, 12 x 32
 #: ~180-200, 24 x 16 ~175, 16 x 32 ~150: 32 accumulators leave no register for B)
@@ -44,15 +46,6 @@ _LANES = 16
 EPI_BIAS, EPI_RELU, EPI_RESIDUAL, EPI_POST_RELU = 1, 2, 4, 8
 _F32, _I64, _I32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
 _VEC = ir.VectorType(_F32, _LANES)
-
-
-def _data(context, builder, signature, args, index):
-    array = context.make_array(signature.args[index])(context, builder, args[index])
-    return array.data
-
-
-def _i64(context, builder, signature, args, index):
-    return context.cast(builder, args[index], signature.args[index], types.int64)
 
 
 def _lane_masks(builder, width):
@@ -96,12 +89,9 @@ def _tile(typingctx, kc, a, a_at, b, b_at, c, c_at, ldc, accumulate, height, wid
     vectors = NR // _LANES
 
     def codegen(context, builder, signature, args):
-        def i64(index):
-            return _i64(context, builder, signature, args, index)
-
-        pa = builder.gep(_data(context, builder, signature, args, 1), [i64(2)])
-        pb = builder.gep(_data(context, builder, signature, args, 3), [i64(4)])
-        pc = builder.gep(_data(context, builder, signature, args, 5), [i64(6)])
+        v = _Args(context, builder, signature, args)
+        i64 = v.i64
+        pa, pb, pc = v.pointer(1, 2), v.pointer(3, 4), v.pointer(5, 6)
         ldc, depth, add, height = i64(7), i64(0), i64(8), i64(9)
         fma = cgutils.get_or_insert_function(builder.module,
                                              ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]),
@@ -199,8 +189,7 @@ def _tile(typingctx, kc, a, a_at, b, b_at, c, c_at, ldc, accumulate, height, wid
                 merged.append(phi)
             values = merged
 
-        bias_data = builder.gep(_data(context, builder, signature, args, 12), [i64(13)])
-        res_data = builder.gep(_data(context, builder, signature, args, 14), [i64(15)])
+        bias_data, res_data = v.pointer(12, 13), v.pointer(14, 15)
         ldr = i64(16)
         last_row = builder.sub(height, ir.Constant(_I64, 1))
 
@@ -254,11 +243,9 @@ def _copy_rows(typingctx, rows, width, src, src_at, pitch, dst, dst_at):
     vectors = NR // _LANES
 
     def codegen(context, builder, signature, args):
-        def i64(index):
-            return _i64(context, builder, signature, args, index)
-
-        ps = builder.gep(_data(context, builder, signature, args, 2), [i64(3)])
-        pd = builder.gep(_data(context, builder, signature, args, 5), [i64(6)])
+        v = _Args(context, builder, signature, args)
+        i64 = v.i64
+        ps, pd = v.pointer(2, 3), v.pointer(5, 6)
         pitch, count = i64(4), i64(0)
         load = _masked(builder, "load")
         lane_masks = _lane_masks(builder, i64(1))
@@ -357,8 +344,8 @@ def _gemm_packed_c(m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_at,
 
 
 # The kernels call the compiled GEMM through a symbol, as blas.py calls OpenBLAS: compiled once
-# per process (from Numba's disk cache), not again inside every driver that calls it (inlined,
-# it cost ResNet-50's cold compile 3 s)
+# per process (from Numba's disk cache), not again inside every driver that calls it (linked
+# into the drivers, it made ResNet-50's cold compile ~1 s longer)
 SYMBOL = "cnncompile_gemm_packed"
 llvm.add_symbol(SYMBOL, _gemm_packed_c.address)
 _C_TYPE = ir.FunctionType(ir.VoidType(), [_I64, _I64, _I64, _F32.as_pointer(), _I64, _I64, _I64,
@@ -374,14 +361,10 @@ def _call(typingctx, m, n, k, ap, a_at, row0, a_rows, b, b_at, ldb, beta, c, c_a
                      bias, bias_at, res, res_at, ldr)
 
     def codegen(context, builder, signature, args):
-        def i64(index):
-            return _i64(context, builder, signature, args, index)
-
-        def data(index):
-            return _data(context, builder, signature, args, index)
-
+        v = _Args(context, builder, signature, args)
+        i64, data = v.i64, v.data
         function = cgutils.get_or_insert_function(builder.module, _C_TYPE, SYMBOL)
-        beta = context.cast(builder, args[10], signature.args[10], types.float32)
+        beta = v.f32(10)
         builder.call(function, [i64(0), i64(1), i64(2), data(3), i64(4), i64(5), i64(6),
                                 data(7), i64(8), i64(9), beta, data(11), i64(12), i64(13),
                                 i64(14), data(15), i64(16), data(17), i64(18), i64(19)])
