@@ -9,8 +9,9 @@ The geometry travels as one tuple ``g`` of 15 ints, all for the 3 normalised axe
 kernel, strides, dilations, begin pads and the output size (which implies the end pads).
 
 Packing, im2col, col2im and the epilogue (``epilogue.py``: bias, activation, residual, post
-activation) are Numba; the GEMMs are NumPy's OpenBLAS called from inside the Numba kernels
-(``blas.sgemm``). The drivers write into ``out``, which may be a strided view (a channel slice of a
+activation) are Numba; the GEMMs are microkernel.py's packed GEMM where the weights were packed at
+compile time (inference: im2col then writes its columns in that GEMM's panels, im2col_panels),
+else NumPy's OpenBLAS called from inside the Numba kernels (``blas.sgemm``). The drivers write into ``out``, which may be a strided view (a channel slice of a
 concat buffer with N > 1): each image of it is then contiguous (and is addressed as flat memory
 with an image pitch, ``flat_images``), and a layout with no contiguous image is computed into a
 temporary and copied. ``ws`` is a flat float32 scratch buffer that the generated module allocates
@@ -35,7 +36,7 @@ from numba.extending import overload
 
 from ..threads import serial_blas, threads
 from .blas import sgemm
-from .microkernel import (EPI_BIAS, EPI_POST_RELU, EPI_RELU, EPI_RESIDUAL, MR, gemm_packed,
+from .microkernel import (B_PANELS, EPI_BIAS, EPI_POST_RELU, EPI_RELU, EPI_RESIDUAL, KC, MR, NR,
                           gemm_packed_epilogue)
 from .epilogue import RELU, activation_row, bias_activation, epilogue_plane
 
@@ -211,6 +212,46 @@ def im2col_block(xp, col, g, r0, r1, p0, j0, count):
             else:
                 for i in range(s1 - s0):
                     seg[i] = part[i * sw]
+
+
+@njit(nogil=True, cache=True)
+def im2col_panels(xp, dst, g, rows_g, pitch, r0, r1, c0, p0, count, j0):
+    """im2col_block's rows [r0, r1) of positions [p0, p0 + count) into columns j0... of dst
+    (flat) in the packed GEMM's panels (microkernel.panel_at: per group of rows_g rows, pitch
+    floats a row): what gemm_packed reads with B_PANELS, so that the columns are written once
+    rather than written row by row and then packed. xp (C-contiguous) holds the image's
+    channels from c0. Panel by panel: each row's NR floats of a panel are stored together,
+    gathered through a table of the panel's window offsets."""
+    kd, kh, kw, sd, sh, sw, dd, dh, dw, pd, ph, pw, od, oh, ow = g
+    taps = kd * kh * kw
+    hp, wp = xp.shape[2], xp.shape[3]
+    plane = xp.shape[1] * hp * wp
+    src = xp.reshape(-1)
+    row_src = np.empty(r1 - r0, np.int64)  # a row's (channel, tap) offset in xp
+    row_dst = np.empty(r1 - r0, np.int64)  # where its floats of panel 0 go
+    row_kc = np.empty(r1 - r0, np.int64)  # the depth of its block
+    for row in range(r0, r1):
+        t = row % taps
+        row_src[row - r0] = (row // taps - c0) * plane + \
+            ((t // (kh * kw)) * dd * hp + (t // kw) % kh * dh) * wp + t % kw * dw
+        q = row // rows_g
+        block = (row - q * rows_g) // KC * KC
+        row_kc[row - r0] = min(KC, rows_g - block)
+        row_dst[row - r0] = (q * rows_g + block) * pitch + (row - q * rows_g - block) * NR
+    offsets = np.empty(NR, np.int64)
+    for panel in range(j0 // NR, (j0 + count - 1) // NR + 1):
+        lo = max(j0, panel * NR)
+        n = min(j0 + count, panel * NR + NR) - lo
+        for u in range(n):
+            position = p0 + lo - j0 + u
+            line = position // ow
+            z = line // oh
+            offsets[u] = (z * sd * hp + (line - z * oh) * sh) * wp + (position - line * ow) * sw
+        for r in range(r1 - r0):
+            at = row_dst[r] + panel * NR * row_kc[r] + lo - panel * NR
+            base = row_src[r]
+            for u in range(n):
+                dst[np.uint64(at + u)] = src[np.uint64(base + offsets[u])]
 
 
 #: im2col_image gathers through a table of source offsets on images narrower than this: rows of
@@ -547,7 +588,7 @@ def gemm_plan(n_batch, rows, k_out, positions, workers, pad=0, pack=True, group=
     if pb < MIN_BLOCK and positions < budget:
         nb = max(1, min(n_batch, BATCH_BYTES // (4 * (rows + k_out) * positions)))
         width = nb * positions
-        columns = rows * width if pack or nb > 1 else 0
+        columns = rows * -(-width // NR) * NR if pack or nb > 1 else 0  # (panels' pitch)
         return BATCHED, nb, 0, 0, slots * pad + columns + (k_out * width if nb > 1 else 0)
     nblocks = -(-positions // pb)
     kb = k_out
@@ -558,7 +599,8 @@ def gemm_plan(n_batch, rows, k_out, positions, workers, pad=0, pack=True, group=
     elif tasks % workers and tasks < 4 * workers:  # equal shares: one more block each
         nblocks = -(-(-(-tasks // workers) * workers) // n_batch)
         pb = -(-positions // nblocks)
-    return BLOCKS, pb, -(-positions // pb), kb, n_batch * pad + slots * rows * pb * pack
+    pitch = -(-pb // NR) * NR  # the packed GEMM's panels
+    return BLOCKS, pb, -(-positions // pb), kb, n_batch * pad + slots * rows * pitch * pack
 
 
 def row_blocks(rows: int, group: int, workers: int, per_worker: int = 1,
@@ -579,13 +621,15 @@ MIN_SPLIT_ROWS = 128
 
 
 @lru_cache(maxsize=1024)
-def _batched_blocks(k_group: int, group: int, workers: int, nb: int) -> np.ndarray:
+def _batched_blocks(k_group: int, group: int, workers: int, nb: int,
+                    panels: bool = False) -> np.ndarray:
     """(first row, end row, first image, end image) of each task of the BATCHED plan's
     products: blocks of rows (row_blocks) over all nb images, or, where those would be thin
-    and there are images enough, whole groups over blocks of images."""
+    and there are images enough, whole groups over blocks of images (not for columns in the
+    packed GEMM's panels, which start a block at multiples of NR columns only)."""
     parts = -(-workers // group)
     if workers > 1 and group * k_group // workers < MIN_SPLIT_ROWS and nb >= workers \
-            and parts > 1:
+            and parts > 1 and not panels:
         step = -(-nb // parts)
         blocks = [(q * k_group, (q + 1) * k_group, i, min(nb, i + step)) for q in range(group)
                   for i in range(0, nb, step)]
@@ -638,10 +682,13 @@ def flat_images(a: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 @njit(inline="always", cache=True)
-def _columns(x5, col, g, rows, j0, count, pack):
-    """Columns [j0, j0 + count) of col for a whole image x5 that needs no pads: its im2col, or
-    for 1x1 (not pack) x5's own rows copied."""
-    if not pack:
+def _columns(x5, col, g, rows, j0, count, pack, panels):
+    """Columns [j0, j0 + count) of col for a whole image x5 that needs no pads: its im2col (in
+    panels where ``panels`` is (rows a group, pitch), see im2col_panels), or for 1x1 (not pack)
+    x5's own rows copied."""
+    if panels is not None:
+        im2col_panels(x5, col.reshape(-1), g, panels[0], panels[1], 0, rows, 0, 0, count, j0)
+    elif not pack:
         for c in range(rows):
             src = x5[c, 0, 0]
             dst = col[c, j0:j0 + count]
@@ -651,13 +698,15 @@ def _columns(x5, col, g, rows, j0, count, pack):
         im2col_block(x5, col, g, 0, rows, 0, j0, count)
 
 
-def _product(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc, fused, bias, res, res_at):
+def _product(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc, fused, bias, res, res_at,
+             b_flags):
     """out rows [k0, k1) (one group's) = W's rows @ B (k = the group's rows), into C: by
     microkernel.gemm_packed from the packed weights wp where the module has them (inference:
     constants packed at compile time, k0 a multiple of MR within its group; w is None), else by
     sgemm from w (group, K/group, rows; wp is None). ``fused`` >= 0 (packed only): the
     epilogue's EPI_* flags, applied by the GEMM as it stores (bias from bias[k0], the residual
-    from res[res_at] with C's row pitch). A Numba overload: each form compiles only the GEMM it
+    from res[res_at] with C's row pitch); ``b_flags`` B_PANELS where B is in panels (packed
+    only, ldb its pitch). A Numba overload: each form compiles only the GEMM it
     calls, so that inference drivers do not compile the OpenBLAS path nor training's the packed
     one."""
     raise NotImplementedError("only called from Numba kernels")
@@ -665,27 +714,24 @@ def _product(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc, fused, bias, re
 
 @overload(_product)
 def _product_forms(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc, fused, bias, res,
-                   res_at):
+                   res_at, b_flags):
     if isinstance(wp, types.NoneType):
         def unpacked(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc, fused, bias, res,
-                     res_at):
+                     res_at, b_flags):
             rows_g = dims[2]
             sgemm(0, 0, k1 - k0, n, rows_g, w, k0 * rows_g, rows_g, b, b_at, ldb, 0.0, c,
                   c_at, ldc)
         return unpacked
 
-    def packed(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc, fused, bias, res, res_at):
+    def packed(w, wp, dims, k0, k1, n, b, b_at, ldb, c, c_at, ldc, fused, bias, res, res_at,
+               b_flags):
         k_group, rows_g = dims[1], dims[2]
         q = k0 // k_group
         padded = wp.shape[1] * MR
-        if fused >= 0:
-            gemm_packed_epilogue(k1 - k0, n, rows_g, wp, q * padded * rows_g, k0 - q * k_group,
-                                 padded, b, b_at, ldb, c, c_at, ldc, fused,
-                                 bias if bias.shape[0] != 0 else _ONE, k0,
-                                 res if res.shape[0] != 0 else _ONE, res_at, ldc)
-        else:
-            gemm_packed(k1 - k0, n, rows_g, wp, q * padded * rows_g, k0 - q * k_group, padded, b,
-                        b_at, ldb, 0.0, c, c_at, ldc)
+        gemm_packed_epilogue(k1 - k0, n, rows_g, wp, q * padded * rows_g, k0 - q * k_group,
+                             padded, b, b_at, ldb, c, c_at, ldc, max(fused, 0) | b_flags,
+                             bias if bias.shape[0] != 0 else _ONE, k0,
+                             res if res.shape[0] != 0 else _ONE, res_at, ldc)
     return packed
 
 
@@ -708,8 +754,9 @@ def fused_flags(packed: bool, group: int, bias, code: int, res, post_code: int) 
 
 @njit(nogil=True, parallel=True, cache=True)
 def _gemm_conv_blocks(x5, xps, w, wp, dims, bias, out, out_pitch, res, res_pitch, buf, g, pack,
-                      pb, kb, code, params, post_code, post_params, fused):
-    """The BLOCKS plan (gemm_plan) in one parallel loop; out and res flat (flat_images)."""
+                      pb, kb, code, params, post_code, post_params, fused, panels):
+    """The BLOCKS plan (gemm_plan) in one parallel loop; out and res flat (flat_images); the
+    columns in panels where ``panels`` is (rows a group, pitch), else rows of pitch pb."""
     n_batch = x5.shape[0]
     group, k_group, rows_g = dims
     rows = group * rows_g
@@ -722,7 +769,9 @@ def _gemm_conv_blocks(x5, xps, w, wp, dims, bias, out, out_pitch, res, res_pitch
     nk = (k_out + kb - 1) // kb
     has_epilogue = bias.shape[0] != 0 or code != 0 or res.shape[0] != 0
     x_pitch = x5.strides[0] // 4
-    per_slot = rows * pb
+    pitch = pb if panels is None else panels[1]
+    b_flags = 0 if panels is None else B_PANELS
+    per_slot = rows * pitch
     for task in prange(n_batch * nk * nblocks):
         n = task // (nk * nblocks)
         k0 = (task // nblocks) % nk * kb
@@ -733,19 +782,20 @@ def _gemm_conv_blocks(x5, xps, w, wp, dims, bias, out, out_pitch, res, res_pitch
         res_at = n * res_pitch + k0 * positions + p0
         if pack:
             slot = numba.get_thread_id()
-            col = buf[slot * per_slot:(slot + 1) * per_slot].reshape((rows, pb))
-            if padded:
-                im2col_block(xps[n], col, g, 0, rows, p0, 0, count)
+            col = buf[slot * per_slot:(slot + 1) * per_slot]
+            image = xps[n] if padded else x5[n]
+            if panels is None:
+                im2col_block(image, col.reshape((rows, pb)), g, 0, rows, p0, 0, count)
             else:
-                im2col_block(x5[n], col, g, 0, rows, p0, 0, count)
+                im2col_panels(image, col, g, rows_g, pitch, 0, rows, 0, p0, count, 0)
             for q in range(group):
                 r0 = q * k_group + k0
                 _product(w, wp, dims, r0, r0 + (k1 - k0 if group == 1 else k_group), count,
-                         col, q * rows_g * pb, pb, out, at + q * k_group * positions,
-                         positions, fused, bias, res, res_at)
+                         col, q * rows_g * pitch, pitch, out, at + q * k_group * positions,
+                         positions, fused, bias, res, res_at, b_flags)
         else:
             _product(w, wp, dims, k0, k1, count, x5, n * x_pitch + p0, positions, out, at,
-                     positions, fused, bias, res, res_at)
+                     positions, fused, bias, res, res_at, 0)
         if has_epilogue and fused < 0:
             epilogue_rows(_EMPTY1, 0, out, at, res, res_at, (0, positions, positions), k1 - k0,
                           count,
@@ -758,14 +808,13 @@ def _gemm_conv_blocks(x5, xps, w, wp, dims, bias, out, out_pitch, res, res_pitch
 # a model needs it, and separate kernels compile in separate processes (ResNet-50 waited ~8 s on
 # the single driver)
 @njit(nogil=True, parallel=True, cache=True)
-def _padded_columns(x5, xp_buf, col_buf, g, parts):
+def _padded_columns(x5, xp_buf, col, g, parts, panels):
     """im2col of the images of x5 (a block of nb) side by side in col_buf (rows, nb * S), each
     padded first: a task per block of channels (``parts`` blocks) over all images, so that a
     task writes whole rows of the columns (a task per image, on 4x4 images' rows of 16 floats,
-    ran 3x slower)."""
+    ran 3x slower). col: (rows, pitch), in panels where ``panels`` is (rows a group, pitch)."""
     n_images, channels = x5.shape[0], x5.shape[1]
     positions = g[12] * g[13] * g[14]
-    width = n_images * positions
     taps = g[0] * g[1] * g[2]
     pad = xp_buf.shape[0] // numba.config.NUMBA_NUM_THREADS
     dp, hp, wp = (g[12] - 1) * g[3] + (g[0] - 1) * g[6] + 1, \
@@ -776,29 +825,39 @@ def _padded_columns(x5, xp_buf, col_buf, g, parts):
         slot = numba.get_thread_id()
         xp = xp_buf[slot * pad:slot * pad + (c1 - c0) * dp * hp * wp].reshape(
             (c1 - c0, dp, hp, wp))
-        block = col_buf[c0 * taps * width:c1 * taps * width].reshape(((c1 - c0) * taps, width))
         for j in range(n_images):
-            im2col_image(x5[j, c0:c1], xp, block, g, j * positions)
+            if panels is None:
+                pitch = col.shape[1]
+                block = col.reshape(-1)[c0 * taps * pitch:c1 * taps * pitch].reshape(
+                    ((c1 - c0) * taps, pitch))
+                im2col_image(x5[j, c0:c1], xp, block, g, j * positions)
+            else:
+                pad_image(x5[j, c0:c1], xp, g[9], g[10], g[11])
+                im2col_panels(xp, col.reshape(-1), g, panels[0], panels[1], c0 * taps,
+                              c1 * taps, c0, 0, positions, j * positions)
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def _image_columns(x5, col, g, pack):
+def _image_columns(x5, col, g, pack, panels):
     """The columns of images that need no padded copy side by side in col, a task per image:
-    their im2col, or (not pack: 1x1) their rows copied."""
+    their im2col (in panels where ``panels`` is (rows a group, pitch)), or (not pack: 1x1)
+    their rows copied."""
     positions = g[12] * g[13] * g[14]
     for j in prange(x5.shape[0]):
-        _columns(x5[j], col, g, col.shape[0], j * positions, positions, pack)
+        _columns(x5[j], col, g, col.shape[0], j * positions, positions, pack, panels)
 
 
 @njit(nogil=True, parallel=True, cache=True)
 def _batched_products(x5, w, wp, dims, bias, out, out_pitch, res, res_pitch, col, y_buf, g, pack,
-                      n0, n1, blocks, code, params, post_code, post_params, fused):
-    """The products of images n0..n1 (their columns in col, or for one 1x1 image x5 itself), a
-    task per block of output rows and images (``blocks``, _batched_blocks): straight into out
-    for one image, else into y_buf and scattered into out with the epilogue."""
+                      n0, n1, blocks, code, params, post_code, post_params, fused, b_flags):
+    """The products of images n0..n1 (their columns in col, rows of col.shape[1] floats or in
+    panels as ``b_flags`` says; or for one 1x1 image x5 itself), a task per block of output
+    rows and images (``blocks``, _batched_blocks): straight into out for one image, else into
+    y_buf and scattered into out with the epilogue."""
     group, k_group, rows_g = dims
     positions = g[12] * g[13] * g[14]
     width = (n1 - n0) * positions
+    pitch = col.shape[1]
     x_pitch = x5.strides[0] // 4
     has_epilogue = bias.shape[0] != 0 or code != 0 or res.shape[0] != 0
     direct = n1 - n0 == 1  # one image: every GEMM writes straight into out
@@ -813,11 +872,11 @@ def _batched_products(x5, w, wp, dims, bias, out, out_pitch, res, res_pitch, col
             at = n0 * out_pitch + k0 * positions
             res_at = n0 * res_pitch + k0 * positions
             if pack:
-                _product(w, wp, dims, k0, k1, positions, col, r0 * width, width, out, at,
-                         positions, fused, bias, res, res_at)
+                _product(w, wp, dims, k0, k1, positions, col, r0 * pitch, pitch, out, at,
+                         positions, fused, bias, res, res_at, b_flags)
             else:
                 _product(w, wp, dims, k0, k1, positions, x5, n0 * x_pitch + r0 * positions,
-                         positions, out, at, positions, fused, bias, res, res_at)
+                         positions, out, at, positions, fused, bias, res, res_at, 0)
             if has_epilogue and fused < 0:
                 epilogue_rows(_EMPTY1, 0, out, at, res, n0 * res_pitch + k0 * positions,
                               (0, positions, positions), k1 - k0, positions, bias_part,
@@ -825,8 +884,8 @@ def _batched_products(x5, w, wp, dims, bias, out, out_pitch, res, res_pitch, col
             continue
         if i0 >= i1:
             continue
-        _product(w, wp, dims, k0, k1, (i1 - i0) * positions, col, r0 * width + i0 * positions,
-                 width, y_buf, k0 * width + i0 * positions, width, -1, bias, res, 0)
+        _product(w, wp, dims, k0, k1, (i1 - i0) * positions, col, r0 * pitch + i0 * positions,
+                 pitch, y_buf, k0 * width + i0 * positions, width, -1, bias, res, 0, b_flags)
         for j in range(i0, i1):
             n = n0 + j
             if has_epilogue:
@@ -845,7 +904,8 @@ def _gemm_conv_batched(x5, xp_buf, w, wp, dims, bias, out, out_pitch, res, res_p
                        fused):
     """The BATCHED plan (gemm_plan): per group of nb images, their columns side by side
     (_padded_columns, a task per block of channels, ``parts`` of them; or _image_columns, a
-    task per image), then their products (_batched_products)."""
+    task per image), then their products (_batched_products). With packed weights (wp) the
+    columns are laid out in the packed GEMM's panels, their pitch rounded up to NR."""
     n_batch = x5.shape[0]
     group, k_group, rows_g = dims
     rows = group * rows_g
@@ -853,25 +913,28 @@ def _gemm_conv_batched(x5, xp_buf, w, wp, dims, bias, out, out_pitch, res, res_p
     for n0 in range(0, n_batch, nb):
         n1 = min(n_batch, n0 + nb)
         width = (n1 - n0) * positions
-        filled = col_buf.shape[0] >= rows * width  # no columns: 1x1, one image at a time
-        col = col_buf[:rows * width if filled else 0].reshape((rows if filled else 0, width))
+        pitch = width if wp is None else -(-width // NR) * NR
+        panels = None if wp is None else (rows_g, pitch)
+        filled = col_buf.shape[0] >= rows * pitch  # no columns: 1x1, one image at a time
+        col = col_buf[:rows * pitch if filled else 0].reshape((rows if filled else 0, pitch))
         if xp_buf.shape[0]:
-            _padded_columns(x5[n0:n1], xp_buf, col_buf[:rows * width], g, parts)
+            _padded_columns(x5[n0:n1], xp_buf, col, g, parts, panels)
         elif pack or n1 - n0 > 1:
-            _image_columns(x5[n0:n1], col, g, pack)
+            _image_columns(x5[n0:n1], col, g, pack, panels)
         _batched_products(x5, w, wp, dims, bias, out, out_pitch, res, res_pitch, col, y_buf, g,
-                          pack, n0, n1, blocks, code, params, post_code, post_params, fused)
+                          pack, n0, n1, blocks, code, params, post_code, post_params, fused,
+                          0 if wp is None else B_PANELS)
 
 
 @lru_cache(maxsize=1024)
-def _call_plan(x_shape, w_shape, g, workers, pack):
+def _call_plan(x_shape, w_shape, g, workers, pack, panels):
     """Everything _gemm_conv derives from the shapes alone, once per layer shape: (mode, a, kb,
     scratch size, padded elements, padded image shape, row blocks)."""
     group, k_group, rows_g = w_shape
     pad = padded_size(g, x_shape) if pack else 0
     mode, a, _, kb, need = gemm_plan(x_shape[0], group * rows_g, group * k_group,
                                      g[12] * g[13] * g[14], workers, pad, pack, group)
-    blocks = _batched_blocks(k_group, group, workers, a) if mode == BATCHED else None
+    blocks = _batched_blocks(k_group, group, workers, a, panels) if mode == BATCHED else None
     return mode, a, kb, need, pad, (x_shape[0], x_shape[1]) + padded_shape(g), blocks
 
 
@@ -888,10 +951,11 @@ def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack, packed=No
     else:
         wmat = contiguous(wmat)
         dims, wp = wmat.shape, None
-    mode, a, kb, need, pad, xp_shape, blocks = _call_plan(x5.shape, dims, g, threads(), pack)
+    mode, a, kb, need, pad, xp_shape, blocks = _call_plan(x5.shape, dims, g, threads(), pack,
+                                                          wp is not None)
     buf = scratch(ws, need)
-    if not pack and not x5[0].flags.c_contiguous:
-        x5 = np.ascontiguousarray(x5)
+    if not x5[0].flags.c_contiguous or (wp is not None and not x5.flags.c_contiguous):
+        x5 = np.ascontiguousarray(x5)  # im2col_panels reads images as flat arrays
     target = out5 if out5[0].flags.c_contiguous else np.empty(out5.shape, np.float32)
     out, out_pitch = flat_images(target)
     res, res_pitch = (_EMPTY1, 0) if residual is None else flat_images(contiguous_images(
@@ -901,13 +965,14 @@ def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack, packed=No
         if mode == BLOCKS:
             n_pad = xp_shape[0] * pad
             xps = buf[:n_pad].reshape(xp_shape) if pad else _EMPTY5
+            panels = None if wp is None else (dims[2], -(-a // NR) * NR)
             _gemm_conv_blocks(x5, xps, wmat, wp, dims, bias, out, out_pitch, res, res_pitch,
                               buf[n_pad:], g, pack, a, kb, code, params, post_code, post_params,
-                              fused)
+                              fused, panels)
         else:
             group, k_group, rows_g = dims
             slot_pad = numba.config.NUMBA_NUM_THREADS * pad
-            width = a * g[12] * g[13] * g[14]
+            width = -(-a * g[12] * g[13] * g[14] // NR) * NR  # room for panels' pitch
             columns = group * rows_g * width if pack or a > 1 else 0
             rest = buf[slot_pad:]
             _gemm_conv_batched(x5, buf[:slot_pad], wmat, wp, dims, bias, out, out_pitch, res,
