@@ -37,7 +37,7 @@ from numba.extending import overload
 from ..threads import serial_blas, threads
 from .blas import sgemm
 from .microkernel import (B_PANELS, EPI_BIAS, EPI_POST_RELU, EPI_RELU, EPI_RESIDUAL, KC, MR, NR,
-                          gemm_packed_epilogue)
+                          gemm_packed_epilogue, panel_pitch)
 from .epilogue import RELU, activation_row, bias_activation, epilogue_plane
 
 NO_ACT = (0, 0.0, 0.0)
@@ -609,7 +609,7 @@ def gemm_plan(n_batch, rows, k_out, positions, workers, pad=0, pack=True, group=
     if pb < MIN_BLOCK and positions < budget:
         nb = max(1, min(n_batch, BATCH_BYTES // (4 * (rows + k_out) * positions)))
         width = nb * positions
-        columns = rows * -(-width // NR) * NR if pack or nb > 1 else 0  # (panels' pitch)
+        columns = rows * panel_pitch(width) if pack or nb > 1 else 0
         return BATCHED, nb, 0, 0, slots * pad + columns + (k_out * width if nb > 1 else 0)
     nblocks = -(-positions // pb)
     kb = k_out
@@ -620,7 +620,7 @@ def gemm_plan(n_batch, rows, k_out, positions, workers, pad=0, pack=True, group=
     elif tasks % workers and tasks < 4 * workers:  # equal shares: one more block each
         nblocks = -(-(-(-tasks // workers) * workers) // n_batch)
         pb = -(-positions // nblocks)
-    pitch = -(-pb // NR) * NR  # the packed GEMM's panels
+    pitch = panel_pitch(pb)  # the packed GEMM's panels
     return BLOCKS, pb, -(-positions // pb), kb, n_batch * pad + slots * rows * pitch * pack
 
 
@@ -934,7 +934,7 @@ def _gemm_conv_batched(x5, xp_buf, w, wp, dims, bias, out, out_pitch, res, res_p
     for n0 in range(0, n_batch, nb):
         n1 = min(n_batch, n0 + nb)
         width = (n1 - n0) * positions
-        pitch = width if wp is None else -(-width // NR) * NR
+        pitch = width if wp is None else panel_pitch(width)
         panels = None if wp is None else (rows_g, pitch)
         filled = col_buf.shape[0] >= rows * pitch  # no columns: 1x1, one image at a time
         col = col_buf[:rows * pitch if filled else 0].reshape((rows if filled else 0, pitch))
@@ -986,14 +986,14 @@ def _gemm_conv(x5, wmat, bias, out5, ws, g, act, residual, post, pack, packed=No
         if mode == BLOCKS:
             n_pad = xp_shape[0] * pad
             xps = buf[:n_pad].reshape(xp_shape) if pad else _EMPTY5
-            panels = None if wp is None else (dims[2], -(-a // NR) * NR)
+            panels = None if wp is None else (dims[2], panel_pitch(a))
             _gemm_conv_blocks(x5, xps, wmat, wp, dims, bias, out, out_pitch, res, res_pitch,
                               buf[n_pad:], g, pack, a, kb, code, params, post_code, post_params,
                               fused, panels)
         else:
             group, k_group, rows_g = dims
             slot_pad = numba.config.NUMBA_NUM_THREADS * pad
-            width = -(-a * g[12] * g[13] * g[14] // NR) * NR  # room for panels' pitch
+            width = panel_pitch(a * g[12] * g[13] * g[14])  # room for panels' pitch
             columns = group * rows_g * width if pack or a > 1 else 0
             rest = buf[slot_pad:]
             _gemm_conv_batched(x5, buf[:slot_pad], wmat, wp, dims, bias, out, out_pitch, res,

@@ -295,10 +295,15 @@ def panel_at(row, column, rows, pitch):
     return block * pitch + (column - lane) * min(KC, rows - block) + (row - block) * NR + lane
 
 
+def panel_pitch(columns: int) -> int:
+    """The row pitch of ``columns`` columns in panels (B_PANELS): rounded up to whole panels."""
+    return -(-columns // NR) * NR
+
+
 def pack_panels(bmat: np.ndarray) -> np.ndarray:
     """B (rows, n) in panels (B_PANELS) with pitch n rounded up to NR, flat (for tests)."""
     rows, n = bmat.shape
-    pitch = -(-n // NR) * NR
+    pitch = panel_pitch(n)
     out = np.zeros(rows * pitch, np.float32)
     r, j = np.indices(bmat.shape)
     block = r // KC * KC
